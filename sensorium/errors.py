@@ -1,0 +1,35 @@
+"""Library errors, one class per way a request can be wrong.
+
+The services translate these into gRPC status codes (see ``services.common.errors``) and the
+CLI into a one-line message and a non-zero exit, so the library never needs to know who called it.
+"""
+
+from __future__ import annotations
+
+
+class SensoriumError(Exception):
+    """Base class: a request that cannot be served, with a message meant for the caller."""
+
+
+class InvalidArgument(SensoriumError):
+    """The request itself is wrong (shapes, values, names); retrying it unchanged will fail again."""
+
+
+class NotFound(SensoriumError):
+    """A named thing (table, model, adapter, template, dataset) does not exist."""
+
+
+class ResourceExhausted(SensoriumError):
+    """The request is larger than a configured limit allows."""
+
+
+class FailedPrecondition(SensoriumError):
+    """The request is well-formed but the system is not in a state to serve it."""
+
+
+class AlreadyExists(SensoriumError):
+    """A resource with that name exists and the request would overwrite it."""
+
+
+class Unauthenticated(SensoriumError):
+    """The caller did not present valid credentials."""
