@@ -1,0 +1,152 @@
+"""Ratings tables: one row per word, one column per rating (human or model), read from CSV.
+
+Tables are how ratings reach the analyzer by reference (the paper's released results are such
+tables). Columns are matched case-insensitively because the released files spell the same
+dimension in several cases (``Visual_en_ft`` beside ``hand_en_ft``).
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import math
+import re
+import unicodedata
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from sensorium.errors import InvalidArgument, NotFound
+
+MISSING = frozenset({"", "na", "nan", "n/a", "null", "none"})
+
+
+def _is_missing(text: str) -> bool:
+    return text.strip().lower() in MISSING
+
+
+@dataclass(frozen=True)
+class RatingsTable:
+    """A parsed table: words plus raw text columns, parsed to numbers only when asked for."""
+
+    source: str
+    word_column: str
+    words: tuple[str, ...]
+    columns: dict[str, list[str]]
+
+    def __len__(self) -> int:
+        return len(self.words)
+
+    def resolve(self, name: str) -> str:
+        """The table's own spelling of a column: exact match first, then case-insensitive."""
+        if name in self.columns:
+            return name
+        hits = [c for c in self.columns if c.casefold() == name.strip().casefold()]
+        if len(hits) == 1:
+            return hits[0]
+        if hits:
+            raise InvalidArgument(f"{self.source}: column {name!r} is ambiguous: {', '.join(hits)}")
+        shown = ", ".join(list(self.columns)[:30])
+        raise InvalidArgument(f"{self.source}: no column {name!r}; columns are: {shown}")
+
+    def numeric(self, name: str) -> np.ndarray:
+        """One column as float64; missing cells are NaN, any other non-number is an error."""
+        col = self.resolve(name)
+        out = np.empty(len(self.words))
+        for row, text in enumerate(self.columns[col]):
+            if _is_missing(text):
+                out[row] = np.nan
+                continue
+            try:
+                value = float(text)
+            except ValueError:
+                raise InvalidArgument(
+                    f"{self.source}: row {row + 2}, column {col!r}: {text[:40]!r} is not a number"
+                ) from None
+            if math.isinf(value):
+                raise InvalidArgument(f"{self.source}: row {row + 2}, column {col!r}: infinite value")
+            out[row] = value
+        return out
+
+    def matrix(self, names: list[str]) -> np.ndarray:
+        """Columns side by side, words x len(names)."""
+        if not names:
+            raise InvalidArgument(f"{self.source}: no columns given")
+        return np.column_stack([self.numeric(n) for n in names])
+
+
+def _normalise_word(word: str) -> str:
+    return unicodedata.normalize("NFC", word.strip())
+
+
+def parse_table(data: bytes | str, source: str, word_column: str | None = None) -> RatingsTable:
+    """Parse CSV (comma, tab or semicolon, sniffed) with a header row.
+
+    The word column is ``word_column``, else a column named "word" in any case, else the first.
+    Words must be unique after trimming and case-folding; the error names both rows.
+    """
+    if isinstance(data, bytes):
+        try:
+            data = data.decode("utf-8-sig")
+        except UnicodeDecodeError as exc:
+            raise InvalidArgument(f"{source}: not UTF-8 text ({exc.reason} at byte {exc.start})") from None
+    if "\x00" in data:
+        raise InvalidArgument(f"{source}: contains NUL bytes; not a text table")
+    first = data.split("\n", 1)[0]
+    delimiter = max(",\t;", key=first.count)
+    rows = list(csv.reader(io.StringIO(data, newline=""), delimiter=delimiter))
+    if not rows or not any(cell.strip() for cell in rows[0]):
+        raise InvalidArgument(f"{source}: empty table (no header row)")
+    header = [h.strip() for h in rows[0]]
+    if len(set(header)) != len(header):
+        dup = sorted({h for h in header if header.count(h) > 1})
+        raise InvalidArgument(f"{source}: duplicate column name(s) {', '.join(map(repr, dup))}")
+    if word_column is None:
+        hits = [h for h in header if h.casefold() == "word"]
+        word_column = hits[0] if hits else header[0]
+    elif word_column not in header:
+        hits = [h for h in header if h.casefold() == word_column.casefold()]
+        if not hits:
+            raise InvalidArgument(f"{source}: no word column {word_column!r}; columns are: {', '.join(header[:30])}")
+        word_column = hits[0]
+    body = [r for r in rows[1:] if any(cell.strip() for cell in r)]
+    columns: dict[str, list[str]] = {h: [] for h in header if h != word_column}
+    words: list[str] = []
+    seen: dict[str, int] = {}
+    wi = header.index(word_column)
+    for line, row in enumerate(body, start=2):
+        if len(row) != len(header):
+            raise InvalidArgument(f"{source}: row {line} has {len(row)} fields, the header has {len(header)}")
+        word = _normalise_word(row[wi])
+        if not word:
+            raise InvalidArgument(f"{source}: row {line}, column {word_column!r}: empty word")
+        key = word.casefold()
+        if key in seen:
+            raise InvalidArgument(f"{source}: duplicate word {word!r} in rows {seen[key]} and {line}")
+        seen[key] = line
+        words.append(word)
+        for h, cell in zip(header, row):
+            if h != word_column:
+                columns[h].append(cell)
+    if not words:
+        raise InvalidArgument(f"{source}: the table has a header but no rows")
+    return RatingsTable(source=source, word_column=word_column, words=tuple(words), columns=columns)
+
+
+def read_table(path: str | Path, word_column: str | None = None) -> RatingsTable:
+    path = Path(path)
+    if not path.is_file():
+        raise NotFound(f"no such table file: {path}")
+    return parse_table(path.read_bytes(), path.name, word_column)
+
+
+TABLE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+
+
+def check_table_name(name: str) -> str:
+    if not TABLE_NAME.match(name or "") or ".." in name:
+        raise InvalidArgument(
+            f"invalid table name {name[:80]!r}: use 1-64 letters, digits, '.', '_' or '-', starting with a letter or digit"
+        )
+    return name
