@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import csv
 import io
+import json
 import math
 import re
 import unicodedata
@@ -17,7 +18,8 @@ from pathlib import Path
 
 import numpy as np
 
-from sensorium.errors import InvalidArgument, NotFound
+from sensorium.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound, ResourceExhausted
+from sensorium.storage import atomic_write_bytes, atomic_write_json, sha256_bytes
 
 MISSING = frozenset({"", "na", "nan", "n/a", "null", "none"})
 
@@ -150,3 +152,69 @@ def check_table_name(name: str) -> str:
             f"invalid table name {name[:80]!r}: use 1-64 letters, digits, '.', '_' or '-', starting with a letter or digit"
         )
     return name
+
+
+class TableStore:
+    """Registered tables on disk: ``<name>.csv`` plus ``<name>.json`` (checksum, word column).
+
+    The manifest is written after the data, both atomically, so a table without a manifest was
+    never registered. A load verifies the checksum: a damaged table is refused, never analysed.
+    """
+
+    def __init__(self, root: Path, max_bytes: int = 64 << 20) -> None:
+        self.root = Path(root)
+        self.max_bytes = max_bytes
+        self._cache: dict[str, tuple[tuple[str, int, int], RatingsTable]] = {}
+
+    def _paths(self, name: str) -> tuple[Path, Path]:
+        check_table_name(name)
+        return self.root / f"{name}.csv", self.root / f"{name}.json"
+
+    def register(self, name: str, data: bytes, word_column: str | None = None, replace: bool = False) -> dict:
+        csv_path, meta_path = self._paths(name)
+        if len(data) > self.max_bytes:
+            raise ResourceExhausted(f"table is {len(data)} bytes; the limit is {self.max_bytes} (setting max_table_bytes)")
+        if meta_path.exists() and not replace:
+            raise AlreadyExists(f"table {name!r} is already registered (set replace to overwrite it)")
+        table = parse_table(data, name, word_column or None)
+        info = {"name": name, "n_rows": len(table), "columns": list(table.columns),
+                "sha256": sha256_bytes(data), "word_column": table.word_column}
+        atomic_write_bytes(csv_path, data)
+        atomic_write_json(meta_path, info)
+        self._cache.pop(name, None)
+        return info
+
+    def info(self, name: str) -> dict:
+        _, meta_path = self._paths(name)
+        if not meta_path.exists():
+            raise NotFound(f"table {name!r} is not registered")
+        return json.loads(meta_path.read_text())
+
+    def get(self, name: str) -> RatingsTable:
+        info = self.info(name)
+        csv_path, _ = self._paths(name)
+        stat = csv_path.stat() if csv_path.exists() else None
+        # the parsed copy is reused only while the file on disk is the one that was verified
+        key = (info["sha256"], stat.st_mtime_ns if stat else 0, stat.st_size if stat else -1)
+        cached = self._cache.get(name)
+        if cached and cached[0] == key:
+            return cached[1]
+        data = csv_path.read_bytes() if stat else b""
+        if sha256_bytes(data) != info["sha256"]:
+            raise FailedPrecondition(f"table {name!r} is damaged on disk (checksum mismatch); register it again")
+        table = parse_table(data, name, info["word_column"])
+        self._cache[name] = (key, table)
+        return table
+
+    def list(self) -> list[dict]:
+        if not self.root.exists():
+            return []
+        return [self.info(p.stem) for p in sorted(self.root.glob("*.json")) if TABLE_NAME.match(p.stem)]
+
+    def delete(self, name: str) -> None:
+        csv_path, meta_path = self._paths(name)
+        if not meta_path.exists():
+            raise NotFound(f"table {name!r} is not registered")
+        meta_path.unlink()
+        csv_path.unlink(missing_ok=True)
+        self._cache.pop(name, None)

@@ -1,0 +1,223 @@
+"""RSA as a request: several models and dimension sets in one call, with inference.
+
+The human RDM is computed once per (set of valid words, dimension set) and shared by every model
+that has the same missing values; bootstrap samples are shared the same way, so the paired
+difference of two models uses the very resamples their own intervals used.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import numpy as np
+from pydantic import BaseModel, Field
+
+from sensorium.errors import InvalidArgument
+from sensorium.representations import MIN_WORDS, Limits, Representations, _limit
+from sensorium.rsa.compare import Comparison, check_comparison, compare_rdms
+from sensorium.rsa.inference import (
+    IndexBootstrap,
+    feature_reliability,
+    noise_ceiling,
+    percentile_interval,
+    permutation_test,
+    renormalized_bootstrap,
+    representation_rdm,
+    resample_indices,
+)
+from sensorium.rsa.rdm import Distance, DISTANCES
+
+
+class RsaOptions(BaseModel):
+    distance: Distance = "cosine"
+    comparison: Comparison = "spearman"
+    zscore: bool = True
+    n_bootstrap: int = Field(0, ge=0)
+    seed: int = Field(0, ge=0)
+    bootstrap_mode: Literal["index", "renormalize"] = "index"
+    n_permutations: int = Field(0, ge=0)
+    noise_ceiling: bool = False
+    confidence: float = Field(0.95, gt=0.0, lt=1.0)
+
+
+class DimensionSet(BaseModel):
+    name: str = "all"
+    features: list[str] = Field(default_factory=list)
+
+
+class Interval(BaseModel):
+    low: float
+    high: float
+
+
+class NoiseCeiling(BaseModel):
+    lower: float
+    upper: float
+    feature_reliability: list[float]
+
+
+class RsaResult(BaseModel):
+    model: str
+    dimension_set: str
+    rsa: float
+    n_words: int
+    n_dropped: int
+    ci: Interval | None = None
+    p_value: float | None = None
+    noise_ceiling: NoiseCeiling | None = None
+    features: list[str]
+
+
+class RsaDifference(BaseModel):
+    model_a: str
+    model_b: str
+    dimension_set: str
+    difference: float
+    ci: Interval
+    n_words: int
+    rsa_a: float
+    rsa_b: float
+
+
+class RsaReport(BaseModel):
+    results: list[RsaResult]
+    differences: list[RsaDifference] = Field(default_factory=list)
+    method: str
+    n_bootstrap: int
+    seed: int
+    n_permutations: int
+
+
+def describe(options: RsaOptions) -> str:
+    text = (f"{options.distance} distance between word vectors"
+            f"{' after z-scoring each feature (population SD)' if options.zscore else ''}; "
+            f"RDMs compared with {options.comparison}; undefined distances set to 2.0; "
+            "words with a missing value dropped per model")
+    if options.n_bootstrap:
+        scheme = ("word indices resampled into RDMs computed once on the full sample"
+                  if options.bootstrap_mode == "index"
+                  else "z-scores and RDMs recomputed within each resample")
+        text += (f"; {options.n_bootstrap} bootstrap resamples of words (seed {options.seed}), {scheme}, "
+                 f"{options.confidence:.0%} percentile intervals")
+    if options.n_permutations:
+        text += f"; one-sided permutation test with {options.n_permutations} word relabellings"
+    return text
+
+
+class _Group:
+    """Everything computed for one set of valid words and one dimension set."""
+
+    def __init__(self, reps: Representations, rows: np.ndarray, cols: list[int], options: RsaOptions) -> None:
+        self.reps, self.rows, self.cols, self.options = reps, rows, cols, options
+        names = [reps.feature_names[c] for c in cols]
+        self.human = reps.human[np.ix_(rows, cols)]
+        self.ref = representation_rdm(self.human, options.distance, options.zscore, names)
+        self.model_rdms: dict[str, tuple[np.ndarray, np.ndarray]] = {}
+        self.samples: dict[str, np.ndarray] = {}
+
+    def matrix(self, model: str) -> np.ndarray:
+        return self.reps.model(model)[np.ix_(self.rows, self.cols)]
+
+    def rdm(self, model: str) -> tuple[np.ndarray, np.ndarray]:
+        if model not in self.model_rdms:
+            names = [f"{model}:{self.reps.feature_names[c]}" for c in self.cols]
+            self.model_rdms[model] = representation_rdm(self.matrix(model), self.options.distance,
+                                                        self.options.zscore, names)
+        return self.model_rdms[model]
+
+    def rsa(self, model: str) -> float:
+        return compare_rdms(self.ref[0], self.rdm(model)[0], self.options.comparison)
+
+    def bootstrap(self, models: list[str]) -> None:
+        todo = [m for m in models if m not in self.samples]
+        if not todo:
+            return
+        o = self.options
+        n = int(self.rows.sum())
+        idx = resample_indices(n, o.n_bootstrap, o.seed)
+        if o.bootstrap_mode == "index":
+            samples = IndexBootstrap(n, self.ref, [self.rdm(m) for m in todo], o.comparison).run(idx)
+        else:
+            samples = renormalized_bootstrap(self.human, [self.matrix(m) for m in todo], idx,
+                                             o.distance, o.zscore, o.comparison)
+        for k, m in enumerate(todo):
+            self.samples[m] = samples[:, k]
+
+
+def run_rsa(reps: Representations, dimension_sets: list[DimensionSet] | None = None,
+            comparisons: list[tuple[str, str]] | None = None, options: RsaOptions | None = None,
+            limits: Limits | None = None) -> RsaReport:
+    options = options or RsaOptions()
+    limits = limits or Limits()
+    check_comparison(options.comparison)
+    if options.distance not in DISTANCES:
+        raise InvalidArgument(f"unknown distance {options.distance!r}")
+    reps.check(limits)
+    _limit(options.n_bootstrap, limits.max_bootstrap, "bootstrap resamples", "max_bootstrap")
+    _limit(options.n_permutations, limits.max_permutations, "permutations", "max_permutations")
+    if options.n_bootstrap:
+        _limit(len(reps.words), limits.max_bootstrap_words, "words in a bootstrapped RSA", "max_bootstrap_words")
+    if not reps.models:
+        raise InvalidArgument("no models to compare with the human data")
+    comparisons = comparisons or []
+    for a, b in comparisons:
+        reps.model(a), reps.model(b)
+        if a == b:
+            raise InvalidArgument(f"cannot compare model {a!r} with itself")
+    if comparisons and not options.n_bootstrap:
+        raise InvalidArgument("model comparisons need a bootstrap (set n_bootstrap, e.g. 200)")
+    if options.noise_ceiling and (reps.human_sd is None or reps.human_n is None):
+        raise InvalidArgument("the noise ceiling needs human SDs and rater counts")
+    sets = dimension_sets or [DimensionSet()]
+    if len({s.name for s in sets}) != len(sets):
+        raise InvalidArgument("dimension set names must be unique")
+
+    groups: dict[tuple[bytes, str], _Group] = {}
+
+    def group(cols: list[int], set_name: str, *models: str) -> _Group:
+        rows = reps.valid_rows(cols, *models)
+        if rows.sum() < MIN_WORDS:
+            raise InvalidArgument(f"dimension set {set_name!r}: only {int(rows.sum())} words have every value "
+                                  f"for {', '.join(models)}; need at least {MIN_WORDS}")
+        key = (np.packbits(rows).tobytes(), set_name)
+        if key not in groups:
+            groups[key] = _Group(reps, rows, cols, options)
+        return groups[key]
+
+    results: list[RsaResult] = []
+    differences: list[RsaDifference] = []
+    for s in sets:
+        cols = reps.resolve_features(s.features, s.name)
+        names = [reps.feature_names[c] for c in cols]
+        model_groups = {m: group(cols, s.name, m) for m in reps.models}
+        for model, g in model_groups.items():
+            value = g.rsa(model)
+            result = RsaResult(model=model, dimension_set=s.name, rsa=value, n_words=int(g.rows.sum()),
+                               n_dropped=len(reps.words) - int(g.rows.sum()), features=names)
+            if options.n_bootstrap:
+                # models with the same missing words share one bootstrap run
+                g.bootstrap([m for m, other in model_groups.items() if other is g])
+                low, high = percentile_interval(g.samples[model], options.confidence)
+                result.ci = Interval(low=low, high=high)
+            if options.n_permutations:
+                result.p_value = permutation_test(g.ref[0], g.rdm(model)[0], result.n_words, value,
+                                                  options.comparison, options.n_permutations, options.seed)
+            if options.noise_ceiling:
+                sd = reps.human_sd[np.ix_(g.rows, cols)]
+                cnt = reps.human_n[np.ix_(g.rows, cols)]
+                lower, upper = noise_ceiling(g.human, sd, cnt, options.distance, options.zscore,
+                                             options.comparison, options.seed)
+                result.noise_ceiling = NoiseCeiling(lower=lower, upper=upper,
+                                                    feature_reliability=feature_reliability(g.human, sd, cnt).tolist())
+            results.append(result)
+        for a, b in comparisons:
+            g = group(cols, s.name, a, b)
+            g.bootstrap([a, b])
+            diff = g.samples[a] - g.samples[b]
+            low, high = percentile_interval(diff, options.confidence)
+            rsa_a, rsa_b = g.rsa(a), g.rsa(b)
+            differences.append(RsaDifference(model_a=a, model_b=b, dimension_set=s.name, difference=rsa_a - rsa_b,
+                                             ci=Interval(low=low, high=high), n_words=int(g.rows.sum()),
+                                             rsa_a=rsa_a, rsa_b=rsa_b))
+    return RsaReport(results=results, differences=differences, method=describe(options),
+                     n_bootstrap=options.n_bootstrap, seed=options.seed, n_permutations=options.n_permutations)

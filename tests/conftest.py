@@ -1,0 +1,98 @@
+"""Shared test fixtures: the ../shared data folder, service processes, per-file timings."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections import defaultdict
+from pathlib import Path
+
+import grpc
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED = ROOT.parent / "shared" / "data"
+PAPER = SHARED / "paper-wu2026"
+
+
+def need_shared(path: Path) -> Path:
+    if not path.exists():
+        pytest.skip(f"shared data not present: {path} (../shared beside the checkout)")
+    return path
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class ServiceProcess:
+    """``python -m services.<name>`` as a real process on a loopback port, as a container runs it."""
+
+    def __init__(self, name: str, tmp: Path, env: dict[str, str] | None = None, timeout: float = 60.0) -> None:
+        self.name = name
+        self.port = free_port()
+        self.address = f"127.0.0.1:{self.port}"
+        self.log = tmp / f"{name}-{self.port}.log"
+        prefix = f"SENSORIUM_{name.upper()}_"
+        full_env = {**os.environ, f"{prefix}PORT": str(self.port), f"{prefix}DATA_DIR": str(tmp / name),
+                    **(env or {})}
+        self.proc = subprocess.Popen([sys.executable, "-m", f"services.{name}"], cwd=ROOT, env=full_env,
+                                     stdout=subprocess.DEVNULL, stderr=open(self.log, "wb"))
+        self.wait_ready(f"sensorium.v1.{name.capitalize()}", timeout)
+
+    def wait_ready(self, service: str, timeout: float) -> None:
+        from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+        deadline = time.monotonic() + timeout
+        with grpc.insecure_channel(self.address) as channel:
+            stub = health_pb2_grpc.HealthStub(channel)
+            while time.monotonic() < deadline:
+                if self.proc.poll() is not None:
+                    raise RuntimeError(f"{self.name} exited with {self.proc.returncode}:\n{self.log.read_text()}")
+                try:
+                    reply = stub.Check(health_pb2.HealthCheckRequest(service=service), timeout=1)
+                    if reply.status == health_pb2.HealthCheckResponse.SERVING:
+                        return
+                except grpc.RpcError:
+                    pass
+                time.sleep(0.1)
+        raise TimeoutError(f"{self.name} not ready after {timeout} s:\n{self.log.read_text()}")
+
+    def stop(self) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        return self.proc.returncode
+
+
+@pytest.fixture(scope="session")
+def analyzer_process(tmp_path_factory: pytest.TempPathFactory):
+    svc = ServiceProcess("analyzer", tmp_path_factory.mktemp("svc"))
+    yield svc
+    svc.stop()
+
+
+# ---- time per test file, printed at the end of every run ------------------------------------
+_durations: dict[str, float] = defaultdict(float)
+
+
+def pytest_runtest_logreport(report: pytest.TestReport) -> None:
+    _durations[report.nodeid.split("::")[0]] += report.duration
+
+
+def pytest_terminal_summary(terminalreporter) -> None:
+    if not _durations:
+        return
+    terminalreporter.section("time per test file")
+    for path, seconds in sorted(_durations.items(), key=lambda kv: -kv[1]):
+        terminalreporter.write_line(f"{seconds:8.2f} s  {path}")

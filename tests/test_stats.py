@@ -1,0 +1,81 @@
+"""Per-dimension and word-wise statistics against scipy and brute-force loops."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from numpy.testing import assert_allclose
+from scipy import stats as sps
+
+from sensorium.errors import InvalidArgument
+from sensorium.representations import Representations
+from sensorium.rsa.inference import percentile_interval, resample_indices
+from sensorium.stats import compare_dimensions, compare_words, steiger_z, word_similarity
+
+
+@pytest.fixture
+def reps() -> Representations:
+    rng = np.random.default_rng(0)
+    human = rng.uniform(0, 5, size=(80, 4))
+    a = np.clip(human + rng.normal(scale=0.7, size=human.shape), 0, 5)
+    b = np.clip(human + rng.normal(scale=2.0, size=human.shape), 0, 5)
+    a[3, 1] = np.nan
+    return Representations(words=tuple(f"w{i}" for i in range(80)), feature_names=("v", "h", "a", "o"),
+                           human=human, models={"a": a, "b": b})
+
+
+def test_per_dimension_correlations_and_intervals(reps: Representations) -> None:
+    report = compare_dimensions(reps, n_bootstrap=40, seed=2)
+    row = next(c for c in report.correlations if c.model == "a" and c.feature == "h")
+    keep = np.isfinite(reps.models["a"][:, 1])
+    h, m = reps.human[keep, 1], reps.models["a"][keep, 1]
+    assert row.n_words == 79
+    assert row.spearman == pytest.approx(sps.spearmanr(m, h).statistic, abs=1e-12)
+    assert row.pearson == pytest.approx(sps.pearsonr(m, h).statistic, abs=1e-12)
+    boot = [sps.spearmanr(m[i], h[i]).statistic for i in resample_indices(79, 40, 2)]
+    assert (row.spearman_ci.low, row.spearman_ci.high) == pytest.approx(percentile_interval(np.array(boot), 0.95))
+
+
+def test_steiger_against_an_independent_formula() -> None:
+    # Steiger (1980) eq. 15 with the pooled r; written out separately from the library's version
+    r12, r13, r23, n = 0.62, 0.41, 0.55, 150
+    rbar = (r12 + r13) / 2
+    cov = (r23 * (1 - 2 * rbar**2) - 0.5 * rbar**2 * (1 - 2 * rbar**2 - r23**2)) / (1 - rbar**2) ** 2
+    z = (np.arctanh(r12) - np.arctanh(r13)) * np.sqrt((n - 3) / (2 - 2 * cov))
+    got_z, got_p = steiger_z(r12, r13, r23, n)
+    assert got_z == pytest.approx(z, abs=1e-12)
+    assert got_p == pytest.approx(2 * (1 - sps.norm.cdf(abs(z))), abs=1e-12)
+
+
+def test_steiger_sign_and_pairs(reps: Representations) -> None:
+    report = compare_dimensions(reps, [("a", "b")])
+    assert {t.method for t in report.steiger} == {"spearman", "pearson"}
+    assert all(t.z > 0 for t in report.steiger), "the less noisy model correlates better"
+    t = next(t for t in report.steiger if t.feature == "h" and t.method == "pearson")
+    assert t.n_words == 79
+
+
+def test_word_similarity_and_comparison(reps: Representations) -> None:
+    report = compare_words(reps, [("a", "b")], include_per_word=True)
+    a = next(s for s in report.similarities if s.model == "a")
+    loop = [1 / (1 + np.sqrt(sum((reps.models["a"][i, k] - reps.human[i, k]) ** 2 for k in range(4))))
+            for i in range(80) if i != 3]
+    assert_allclose(a.similarity, loop)
+    assert a.n_words == 79 and "w3" not in a.words
+    assert a.mean == pytest.approx(np.mean(loop)) and a.sd == pytest.approx(np.std(loop, ddof=1))
+    sb = word_similarity(reps.models["b"], reps.human)
+    keep = np.arange(80) != 3
+    d = np.array(loop) - sb[keep]
+    c = report.comparisons[0]
+    t = d.mean() / (d.std(ddof=1) / np.sqrt(len(d)))
+    assert c.t == pytest.approx(t) and c.df == len(d) - 1
+    assert c.p_value == pytest.approx(2 * sps.t.sf(abs(t), len(d) - 1))
+    assert c.ranking_spearman == pytest.approx(sps.spearmanr(loop, sb[keep]).statistic)
+
+
+def test_constant_model_column_is_refused(reps: Representations) -> None:
+    flat = reps.models["a"].copy()
+    flat[:, 2] = 3.0
+    bad = Representations(words=reps.words, feature_names=reps.feature_names, human=reps.human, models={"m": flat})
+    with pytest.raises(InvalidArgument, match="constant"):
+        compare_dimensions(bad)
