@@ -13,7 +13,7 @@ import numpy as np
 from pydantic import BaseModel, Field
 
 from sensorium.errors import InvalidArgument, ResourceExhausted
-from sensorium.norms.dimensions import DIMENSION_SETS, canonical_dimension
+from sensorium.norms import DIMENSION_SETS, canonical_dimension
 from sensorium.tables import RatingsTable
 
 MIN_WORDS = 3
