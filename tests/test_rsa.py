@@ -19,7 +19,8 @@ from sensorium.rsa.inference import (
     representation_rdm,
     resample_indices,
 )
-from sensorium.rsa.ranks import iter_ranks, rank_average, spearman_from_ranks
+from sensorium.rsa import ranks
+from sensorium.rsa.ranks import doubled_ranks, iter_ranks, rank_average, spearman_from_ranks
 from sensorium.rsa.rdm import square, zscore
 
 
@@ -62,14 +63,21 @@ def test_constant_column_is_refused_by_name() -> None:
         zscore(x, ["visual", "haptic", "auditory"])
 
 
+@pytest.mark.parametrize("parallel", [False, True])
 @pytest.mark.parametrize("chunk", [7, 1000, 1 << 22])
-def test_ranks_match_scipy_with_ties(chunk: int) -> None:
-    x = np.round(np.random.default_rng(2).normal(size=20_000), 1)
+def test_ranks_match_scipy_with_ties(chunk: int, parallel: bool, monkeypatch: pytest.MonkeyPatch) -> None:
+    # parallel: two half-sorts on two threads merged piece by piece, as above PARALLEL_MIN values
+    monkeypatch.setattr(ranks, "PARALLEL_MIN", 10 if parallel else 1 << 40)
+    rng = np.random.default_rng(2)
+    x = np.round(rng.normal(size=20_000), 1)
+    x[:3000] = 0.0  # a tie group longer than a piece, in both halves
+    x[-50:] = x.max()
     out = np.empty(len(x))
     for idx, r in iter_ranks(x, chunk=chunk):
-        out[idx] = r
+        out[idx] = r / 2
     assert_allclose(out, rankdata(x), rtol=0, atol=0)
     assert_allclose(rank_average(x), rankdata(x), rtol=0, atol=0)
+    assert doubled_ranks(x).dtype == np.uint32
 
 
 def test_comparisons_match_references() -> None:
@@ -77,7 +85,7 @@ def test_comparisons_match_references() -> None:
     a = np.round(rng.normal(size=300), 1)
     b = np.round(a + rng.normal(size=300), 0)
     assert compare_rdms(a, b, "spearman") == pytest.approx(spearmanr(a, b).statistic, abs=1e-12)
-    assert spearman_from_ranks(rankdata(a), b) == pytest.approx(spearmanr(a, b).statistic, abs=1e-12)
+    assert spearman_from_ranks(2 * rankdata(a), b) == pytest.approx(spearmanr(a, b).statistic, abs=1e-12)
     assert compare_rdms(a, b, "pearson") == pytest.approx(pearsonr(a, b).statistic, abs=1e-12)
     # Kendall's tau-a by its definition: sum of sign products over all pairs / (n (n - 1) / 2)
     s = np.sign(a[:, None] - a[None, :]) * np.sign(b[:, None] - b[None, :])

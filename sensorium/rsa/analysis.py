@@ -25,7 +25,8 @@ from sensorium.rsa.inference import (
     representation_rdm,
     resample_indices,
 )
-from sensorium.rsa.rdm import Distance, DISTANCES
+from sensorium.rsa.ranks import doubled_ranks, spearman_from_ranks
+from sensorium.rsa.rdm import DISTANCES, Distance
 
 
 class RsaOptions(BaseModel):
@@ -104,29 +105,63 @@ def describe(options: RsaOptions) -> str:
     return text
 
 
+def _select(x: np.ndarray, rows: np.ndarray, cols: list[int]) -> np.ndarray:
+    """``x[rows][:, cols]``, without a copy when that is all of ``x``."""
+    if rows.all() and cols == list(range(x.shape[1])):
+        return x
+    return x[np.ix_(rows, cols)]
+
+
 class _Group:
-    """Everything computed for one set of valid words and one dimension set."""
+    """Everything computed for one set of valid words and one dimension set.
+
+    At 10,000 words an RDM is 400 MB. Without bootstrap or permutations only the reference's
+    ranks are kept and each model's RDM is dropped after its comparison, so the peak stays near
+    three RDMs' worth of memory.
+    """
 
     def __init__(self, reps: Representations, rows: np.ndarray, cols: list[int], options: RsaOptions) -> None:
         self.reps, self.rows, self.cols, self.options = reps, rows, cols, options
+        self.keep = bool(options.n_bootstrap or options.n_permutations)
         names = [reps.feature_names[c] for c in cols]
-        self.human = reps.human[np.ix_(rows, cols)]
-        self.ref = representation_rdm(self.human, options.distance, options.zscore, names)
+        self.human = _select(reps.human, rows, cols)
+        self._ref: tuple[np.ndarray, np.ndarray] | None = representation_rdm(
+            self.human, options.distance, options.zscore, names)
+        self._ref_ranks: np.ndarray | None = None
         self.model_rdms: dict[str, tuple[np.ndarray, np.ndarray]] = {}
+        self.values: dict[str, float] = {}
         self.samples: dict[str, np.ndarray] = {}
 
+    @property
+    def ref(self) -> tuple[np.ndarray, np.ndarray]:
+        if self._ref is None:  # dropped to save memory; recomputed only if asked for again
+            names = [self.reps.feature_names[c] for c in self.cols]
+            self._ref = representation_rdm(self.human, self.options.distance, self.options.zscore, names)
+        return self._ref
+
     def matrix(self, model: str) -> np.ndarray:
-        return self.reps.model(model)[np.ix_(self.rows, self.cols)]
+        return _select(self.reps.model(model), self.rows, self.cols)
 
     def rdm(self, model: str) -> tuple[np.ndarray, np.ndarray]:
-        if model not in self.model_rdms:
-            names = [f"{model}:{self.reps.feature_names[c]}" for c in self.cols]
-            self.model_rdms[model] = representation_rdm(self.matrix(model), self.options.distance,
-                                                        self.options.zscore, names)
-        return self.model_rdms[model]
+        if model in self.model_rdms:
+            return self.model_rdms[model]
+        names = [f"{model}:{self.reps.feature_names[c]}" for c in self.cols]
+        rdm = representation_rdm(self.matrix(model), self.options.distance, self.options.zscore, names)
+        if self.keep:
+            self.model_rdms[model] = rdm
+        return rdm
 
     def rsa(self, model: str) -> float:
-        return compare_rdms(self.ref[0], self.rdm(model)[0], self.options.comparison)
+        if model not in self.values:
+            if self.options.comparison == "spearman":
+                if self._ref_ranks is None:
+                    self._ref_ranks = doubled_ranks(self.ref[0])
+                    if not self.keep:
+                        self._ref = None
+                self.values[model] = spearman_from_ranks(self._ref_ranks, self.rdm(model)[0])
+            else:
+                self.values[model] = compare_rdms(self.ref[0], self.rdm(model)[0], self.options.comparison)
+        return self.values[model]
 
     def bootstrap(self, models: list[str]) -> None:
         todo = [m for m in models if m not in self.samples]

@@ -8,7 +8,7 @@ import numpy as np
 from scipy import stats
 
 from sensorium.errors import InvalidArgument
-from sensorium.rsa.ranks import rank_average, spearman_from_ranks
+from sensorium.rsa.ranks import doubled_ranks, spearman_from_ranks
 
 Comparison = Literal["spearman", "pearson", "kendall-tau-a"]
 COMPARISONS: tuple[str, ...] = get_args(Comparison)
@@ -28,7 +28,7 @@ def pearson(a: np.ndarray, b: np.ndarray) -> float:
 
 
 def spearman(a: np.ndarray, b: np.ndarray) -> float:
-    return spearman_from_ranks(rank_average(a), b)
+    return spearman_from_ranks(doubled_ranks(a), b)
 
 
 def kendall_tau_a(a: np.ndarray, b: np.ndarray) -> float:

@@ -9,60 +9,111 @@ one RDM and one rank vector (24 bytes per pair).
 from __future__ import annotations
 
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
-_CHUNK = 1 << 22
+_CHUNK = 1 << 16  # small pieces: reused heap memory instead of fresh multi-MB blocks
+#: Above this many values the sort runs as four parts on two threads (numpy releases the GIL
+#: while sorting) and the sorted parts are merged piece by piece.
+PARALLEL_MIN = 1 << 21
+
+
+def _sorted_stream(x: np.ndarray, chunk: int) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """Yield ``(indices, values)`` of ``x`` in ascending order, a piece at a time."""
+    n = len(x)
+    if n < PARALLEL_MIN:
+        order = np.argsort(x)
+        for a in range(0, n, chunk):
+            idx = order[a:a + chunk]
+            yield idx, x[idx]
+        return
+    parts = 4  # more, smaller sorts: quicker, and each run is narrowed to int32 as soon as it is done
+    edges = [n * k // parts for k in range(parts + 1)]
+    narrow = np.int32 if n < 2**31 else np.int64
+
+    def sort_part(k: int) -> np.ndarray:
+        order = np.argsort(x[edges[k]:edges[k + 1]])
+        order += edges[k]
+        return order.astype(narrow)
+
+    with ThreadPoolExecutor(2) as pool:
+        runs = list(pool.map(sort_part, range(parts)))
+    pos = [0] * parts
+    while any(p < len(r) for p, r in zip(pos, runs)):
+        idx = [r[p:p + chunk] for r, p in zip(runs, pos)]
+        val = [x[i] for i in idx]
+        # Everything up to the smallest last value of a run's non-final piece is settled.
+        bounds = [v[-1] for r, p, v in zip(runs, pos, val) if len(v) and p + len(v) < len(r)]
+        cut = min(bounds) if bounds else np.inf
+        take = [int(np.searchsorted(v, cut, side="right")) for v in val]
+        merged_idx = np.concatenate([i[:k] for i, k in zip(idx, take)])
+        merged_val = np.concatenate([v[:k] for v, k in zip(val, take)])
+        m = np.argsort(merged_val, kind="stable")  # a few sorted runs: timsort merges them
+        yield merged_idx[m], merged_val[m]
+        pos = [p + k for p, k in zip(pos, take)]
 
 
 def iter_ranks(x: np.ndarray, chunk: int = _CHUNK) -> Iterator[tuple[np.ndarray, np.ndarray]]:
-    """Yield ``(indices, ranks)`` over ``x`` in sorted order, one run of whole tie groups at a time.
+    """Yield ``(indices, doubled_ranks)`` over ``x`` in sorted order, whole tie groups at a time.
 
-    Ranks are 1-based and averaged over ties, as ``scipy.stats.rankdata(method="average")``.
+    Ranks are 1-based and averaged over ties, as ``scipy.stats.rankdata(method="average")``;
+    they are yielded doubled, as exact integers (a tie group's average can end in .5).
     """
-    n = len(x)
-    order = np.argsort(x, kind="stable")
-    pending = 0  # first sorted position of the tie group still open at the chunk edge
-    for a in range(0, n, chunk):
-        b = min(n, a + chunk)
-        v = x[order[a:b]]
-        starts = np.flatnonzero(v[1:] != v[:-1]) + a + 1
-        if a > 0 and v[0] != x[order[a - 1]]:
-            starts = np.concatenate((np.array([a]), starts))
-        tail = np.array([n] if b == n else [], dtype=np.int64)
-        bounds = np.concatenate((np.array([pending]), starts, tail)).astype(np.int64)
-        if len(bounds) < 2:
-            continue
-        lengths = np.diff(bounds)
-        # positions p..q-1 (0-based) share the rank (p + q + 1) / 2
-        avg = (bounds[:-1] + bounds[1:] + 1) / 2.0
-        yield order[bounds[0]:bounds[-1]], np.repeat(avg, lengths)
-        pending = int(bounds[-1])
+    carry = np.empty(0, dtype=np.intp)  # indices of the tie group still open at a piece's edge
+    base = 0  # sorted position of carry[0]
+    prev = None
+    for idx, v in _sorted_stream(x, chunk):
+        starts = np.flatnonzero(v[1:] != v[:-1]) + 1 + len(carry)
+        if prev is not None and len(carry) and v[0] != prev:
+            starts = np.concatenate(([len(carry)], starts))
+        everything = np.concatenate((carry, idx)) if len(carry) else idx
+        bounds = np.concatenate(([0], starts))
+        prev = v[-1]
+        closed = int(bounds[-1])
+        if closed:
+            lengths = np.diff(bounds)
+            # sorted positions p..q-1 (0-based) share the rank (p + q + 1) / 2
+            twice = 2 * base + bounds[:-1] + bounds[1:] + 1
+            yield everything[:closed], np.repeat(twice, lengths)
+        carry = everything[closed:]
+        base += closed
+    if len(carry):
+        yield carry, np.full(len(carry), 2 * base + len(carry) + 1)
 
 
-def rank_average(x: np.ndarray) -> np.ndarray:
-    """Tie-averaged 1-based ranks of ``x`` (float64)."""
-    out = np.empty(len(x), dtype=np.float64)
+def doubled_ranks(x: np.ndarray) -> np.ndarray:
+    """Twice the tie-averaged ranks, as exact integers: uint32 (4 bytes a value) where they fit."""
+    out = np.empty(len(x), dtype=np.uint32 if 2 * len(x) + 1 < 2**32 else np.uint64)
     for idx, r in iter_ranks(x):
         out[idx] = r
     return out
 
 
-def spearman_from_ranks(ranks_a: np.ndarray, b: np.ndarray) -> float:
-    """Spearman correlation given the ranks of ``a`` and the raw values of ``b``.
+def rank_average(x: np.ndarray) -> np.ndarray:
+    """Tie-averaged 1-based ranks of ``x`` (float64), as ``scipy.stats.rankdata``."""
+    return doubled_ranks(x) / 2.0
+
+
+def spearman_from_ranks(twice_a: np.ndarray, b: np.ndarray) -> float:
+    """Spearman correlation given the doubled ranks of ``a`` and the raw values of ``b``.
 
     The ranks of ``b`` are streamed, never stored. Average ranks always have mean (n + 1) / 2.
     """
-    n = len(ranks_a)
-    mean = (n + 1) / 2.0
+    n = len(twice_a)
+    mean2 = float(n + 1)  # mean of doubled ranks
     cross = 0.0
     ss_b = 0.0
     for idx, r in iter_ranks(b):
-        cross += float(np.dot(ranks_a[idx], r))
+        r = r.astype(np.float64)
+        cross += float(np.dot(twice_a[idx].astype(np.float64), r))
         ss_b += float(np.dot(r, r))
-    ss_a = float(np.dot(ranks_a, ranks_a))
-    denom = np.sqrt((ss_a - n * mean * mean) * (ss_b - n * mean * mean))
-    return float((cross - n * mean * mean) / denom) if denom > 0 else float("nan")
+    ss_a = 0.0
+    for a in range(0, n, _CHUNK):
+        part = twice_a[a:a + _CHUNK].astype(np.float64)
+        ss_a += float(np.dot(part, part))
+    denom = np.sqrt((ss_a - n * mean2 * mean2) * (ss_b - n * mean2 * mean2))
+    return float((cross - n * mean2 * mean2) / denom) if denom > 0 else float("nan")
 
 
 class WeightedRanks:

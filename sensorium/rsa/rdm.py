@@ -61,11 +61,12 @@ def _prepare_rows(x: np.ndarray, distance: str) -> np.ndarray:
     x = np.asarray(x, dtype=np.float64)
     if distance == "euclidean":
         return x
-    if distance == "correlation":
-        x = x - x.mean(axis=1, keepdims=True)
-    norms = np.sqrt(np.einsum("ij,ij->i", x, x))
+    # one working copy, modified in place: at 10,000 x 576 each copy is 46 MB
+    u = x - x.mean(axis=1, keepdims=True) if distance == "correlation" else x.copy()
+    norms = np.sqrt(np.einsum("ij,ij->i", u, u))
     with np.errstate(invalid="ignore", divide="ignore"):
-        return x / np.where(norms > 0, norms, np.nan)[:, None]
+        u /= np.where(norms > 0, norms, np.nan)[:, None]
+    return u
 
 
 def pair_rows(n: int, first: int, stop: int) -> tuple[np.ndarray, np.ndarray]:
