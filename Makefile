@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 PROTOS := $(wildcard proto/sensorium/v1/*.proto)
 STUBS := $(patsubst proto/%.proto,%_pb2.py,$(PROTOS))
 
-.PHONY: setup proto test test-gpu demo bench snapshot clean
+.PHONY: setup proto test test-gpu demo bench bench-env snapshot clean
 
 setup: $(VENV)/.installed proto
 
@@ -31,15 +31,23 @@ test-gpu: setup
 	$(PY) -m pytest -m gpu $(PYTEST_ARGS)
 
 demo: setup
-	$(PY) -m sensorium.demo
+	$(PY) examples/reproduce_paper_analysis.py
 
-bench: setup
+# Baselines (rsatoolbox) live in their own environment, never in the services' one.
+bench-env: .venv-bench/.installed
+
+.venv-bench/.installed: bench/requirements.txt
+	test -x .venv-bench/bin/python || python3 -m venv .venv-bench
+	.venv-bench/bin/python -m pip install -q -r bench/requirements.txt
+	touch $@
+
+bench: setup bench-env
 	$(PY) bench/bench_rsa_bootstrap.py
-	$(PY) bench/bench_rsa_large.py
+	.venv-bench/bin/python bench/bench_rsa_large.py
 
 # Accept the current contract as the new stability baseline (after a deliberate, additive change).
 snapshot: setup
 	$(PY) -m sensorium.contract --write
 
 clean:
-	rm -rf $(VENV) sensorium/v1/*_pb2*.py sensorium/v1/*_pb2.pyi
+	rm -rf $(VENV) .venv-bench sensorium/v1/*_pb2*.py sensorium/v1/*_pb2.pyi

@@ -80,6 +80,22 @@ def test_ranks_match_scipy_with_ties(chunk: int, parallel: bool, monkeypatch: py
     assert doubled_ranks(x).dtype == np.uint32
 
 
+def test_packed_argsort_orders_exactly_even_for_near_ties() -> None:
+    rng = np.random.default_rng(11)
+    cases = [
+        rng.random(5000),
+        np.round(rng.random(50_000), 3),  # many exact ties
+        np.r_[rng.random(3000), 0.5 + rng.random(3000) * 1e-13, np.full(50, 0.5)],  # codes collide
+        -rng.normal(size=3000),
+        np.r_[0.0, 1e-300, 2.0, 1e-16, 2e-16, 2.0],
+        np.full(10, 3.0),
+    ]
+    for x in cases:
+        order = ranks.argsort_packed(x)
+        assert np.array_equal(x[order], np.sort(x))
+        assert np.array_equal(np.sort(order), np.arange(len(x)))
+
+
 def test_comparisons_match_references() -> None:
     rng = np.random.default_rng(3)
     a = np.round(rng.normal(size=300), 1)

@@ -8,6 +8,8 @@ one RDM and one rank vector (24 bytes per pair).
 
 from __future__ import annotations
 
+import queue
+import threading
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 
@@ -19,6 +21,47 @@ _CHUNK = 1 << 16  # small pieces: reused heap memory instead of fresh multi-MB b
 PARALLEL_MIN = 1 << 21
 
 
+def argsort_packed(x: np.ndarray, lo: float | None = None, hi: float | None = None) -> np.ndarray:
+    """``np.argsort(x)`` (ties in any order) by sorting one packed integer per value.
+
+    numpy sorts plain 64-bit integers about 2.5x faster than it argsorts floats. Each value
+    becomes a fixed-point code of its position in [lo, hi] in the high bits, its index in the low
+    bits; the code is monotone in the value, so only values whose codes collide (within about
+    1e-12 of the range of each other) can come out of order, and those few runs are re-sorted
+    by their exact values.
+    """
+    n = len(x)
+    if n == 0:
+        return np.empty(0, dtype=np.int64)
+    lo = float(np.min(x)) if lo is None else lo
+    hi = float(np.max(x)) if hi is None else hi
+    index_bits = max(1, int(n - 1).bit_length())
+    code_bits = 63 - index_bits
+    if code_bits < 24 or not (np.isfinite(lo) and np.isfinite(hi)):
+        return np.argsort(x)
+    scale = (2.0**code_bits - 1) / (hi - lo) if hi > lo else 0.0
+    key = np.subtract(x, lo)
+    key *= scale
+    key = key.astype(np.uint64)
+    key <<= np.uint64(index_bits)
+    key |= np.arange(n, dtype=np.uint64)
+    key.sort()
+    code = key >> np.uint64(index_bits)
+    key &= np.uint64((1 << index_bits) - 1)
+    order = key.view(np.int64)
+    same = np.flatnonzero(code[1:] == code[:-1])
+    if len(same):
+        # neighbours with equal codes: exact ties need nothing; near-ties are put in exact order
+        bad = same[x[order[same + 1]] < x[order[same]]]
+        if len(bad):
+            starts = np.searchsorted(code, code[bad], side="left")
+            ends = np.searchsorted(code, code[bad], side="right")
+            for a, b in set(zip(starts.tolist(), ends.tolist())):
+                seg = order[a:b]
+                order[a:b] = seg[np.argsort(x[seg], kind="stable")]
+    return order
+
+
 def _sorted_stream(x: np.ndarray, chunk: int) -> Iterator[tuple[np.ndarray, np.ndarray]]:
     """Yield ``(indices, values)`` of ``x`` in ascending order, a piece at a time."""
     n = len(x)
@@ -28,18 +71,53 @@ def _sorted_stream(x: np.ndarray, chunk: int) -> Iterator[tuple[np.ndarray, np.n
             idx = order[a:a + chunk]
             yield idx, x[idx]
         return
-    parts = 4  # more, smaller sorts: quicker, and each run is narrowed to int32 as soon as it is done
+    parts = 8  # small parts: quick sorts, and little transient memory on each thread
     edges = [n * k // parts for k in range(parts + 1)]
     narrow = np.int32 if n < 2**31 else np.int64
+    lo, hi = float(np.min(x)), float(np.max(x))
 
     def sort_part(k: int) -> np.ndarray:
-        order = np.argsort(x[edges[k]:edges[k + 1]])
+        order = argsort_packed(x[edges[k]:edges[k + 1]], lo, hi)
         order += edges[k]
         return order.astype(narrow)
 
     with ThreadPoolExecutor(2) as pool:
         runs = list(pool.map(sort_part, range(parts)))
-    pos = [0] * parts
+    # The merge runs on its own thread, a couple of pieces ahead of the consumer: both spend
+    # their time in numpy calls that release the GIL, so the two cores stay busy.
+    pieces: queue.Queue = queue.Queue(maxsize=3)
+    stop = threading.Event()
+
+    def merge() -> None:
+        try:
+            for piece in _merge_runs(x, runs, chunk):
+                while not stop.is_set():
+                    try:
+                        pieces.put(piece, timeout=0.1)
+                        break
+                    except queue.Full:
+                        continue
+                if stop.is_set():
+                    return
+            pieces.put(None)
+        except BaseException as exc:  # handed to the consumer, raised there
+            pieces.put(exc)
+
+    worker = threading.Thread(target=merge, name="rank-merge", daemon=True)
+    worker.start()
+    try:
+        while (piece := pieces.get()) is not None:
+            if isinstance(piece, BaseException):
+                raise piece
+            yield piece
+    finally:
+        stop.set()
+        worker.join()
+
+
+def _merge_runs(x: np.ndarray, runs: list[np.ndarray], chunk: int) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """Merge sorted index runs of ``x`` into one ascending stream of pieces."""
+    pos = [0] * len(runs)
     while any(p < len(r) for p, r in zip(pos, runs)):
         idx = [r[p:p + chunk] for r, p in zip(runs, pos)]
         val = [x[i] for i in idx]
