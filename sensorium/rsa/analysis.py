@@ -131,6 +131,7 @@ class _Group:
         self.model_rdms: dict[str, tuple[np.ndarray, np.ndarray]] = {}
         self.values: dict[str, float] = {}
         self.samples: dict[str, np.ndarray] = {}
+        self._ceiling: NoiseCeiling | None = None
 
     @property
     def ref(self) -> tuple[np.ndarray, np.ndarray]:
@@ -162,6 +163,16 @@ class _Group:
             else:
                 self.values[model] = compare_rdms(self.ref[0], self.rdm(model)[0], self.options.comparison)
         return self.values[model]
+
+    def noise_ceiling(self) -> NoiseCeiling:
+        if self._ceiling is None:
+            sd = _select(self.reps.human_sd, self.rows, self.cols)
+            cnt = _select(self.reps.human_n, self.rows, self.cols)
+            o = self.options
+            lower, upper = noise_ceiling(self.human, sd, cnt, o.distance, o.zscore, o.comparison, o.seed)
+            self._ceiling = NoiseCeiling(lower=lower, upper=upper,
+                                         feature_reliability=feature_reliability(self.human, sd, cnt).tolist())
+        return self._ceiling
 
     def bootstrap(self, models: list[str]) -> None:
         todo = [m for m in models if m not in self.samples]
@@ -225,29 +236,29 @@ def run_rsa(reps: Representations, dimension_sets: list[DimensionSet] | None = N
         cols = reps.resolve_features(s.features, s.name)
         names = [reps.feature_names[c] for c in cols]
         model_groups = {m: group(cols, s.name, m) for m in reps.models}
+        pair_groups = {(a, b): group(cols, s.name, a, b) for a, b in comparisons}
+        if options.n_bootstrap:
+            # one bootstrap run per set of valid words, covering every model that needs it there
+            needed: dict[int, tuple[_Group, list[str]]] = {}
+            for members, g in [((m,), g) for m, g in model_groups.items()] + list(pair_groups.items()):
+                todo = needed.setdefault(id(g), (g, []))[1]
+                todo.extend(m for m in members if m not in todo)
+            for g, todo in needed.values():
+                g.bootstrap(todo)
         for model, g in model_groups.items():
             value = g.rsa(model)
             result = RsaResult(model=model, dimension_set=s.name, rsa=value, n_words=int(g.rows.sum()),
                                n_dropped=len(reps.words) - int(g.rows.sum()), features=names)
             if options.n_bootstrap:
-                # models with the same missing words share one bootstrap run
-                g.bootstrap([m for m, other in model_groups.items() if other is g])
                 low, high = percentile_interval(g.samples[model], options.confidence)
                 result.ci = Interval(low=low, high=high)
             if options.n_permutations:
                 result.p_value = permutation_test(g.ref[0], g.rdm(model)[0], result.n_words, value,
                                                   options.comparison, options.n_permutations, options.seed)
             if options.noise_ceiling:
-                sd = reps.human_sd[np.ix_(g.rows, cols)]
-                cnt = reps.human_n[np.ix_(g.rows, cols)]
-                lower, upper = noise_ceiling(g.human, sd, cnt, options.distance, options.zscore,
-                                             options.comparison, options.seed)
-                result.noise_ceiling = NoiseCeiling(lower=lower, upper=upper,
-                                                    feature_reliability=feature_reliability(g.human, sd, cnt).tolist())
+                result.noise_ceiling = g.noise_ceiling()
             results.append(result)
-        for a, b in comparisons:
-            g = group(cols, s.name, a, b)
-            g.bootstrap([a, b])
+        for (a, b), g in pair_groups.items():
             diff = g.samples[a] - g.samples[b]
             low, high = percentile_interval(diff, options.confidence)
             rsa_a, rsa_b = g.rsa(a), g.rsa(b)
