@@ -57,6 +57,10 @@ def _data(reps: Data) -> apb.Representations:
     return reps if isinstance(reps, apb.Representations) else wire.representations_to_proto(reps)
 
 
+def _pairs(comparisons: list[tuple[str, str]] | None) -> list[cpb.ModelPair]:
+    return [cpb.ModelPair(model_a=a, model_b=b) for a, b in comparisons or []]
+
+
 def table_data(table: str, human_columns: list[str], models: dict[str, list[str]],
                sd_columns: list[str] | None = None, n_columns: list[str] | None = None) -> apb.Representations:
     """Refer to columns of a table registered with the analyzer instead of sending matrices."""
@@ -80,7 +84,7 @@ class AnalyzerClient(_Base):
         request = apb.RsaRequest(
             data=_data(reps),
             dimension_sets=[cpb.DimensionSet(name=s.name, features=s.features) for s in dimension_sets or []],
-            comparisons=[cpb.ModelPair(model_a=a, model_b=b) for a, b in comparisons or []],
+            comparisons=_pairs(comparisons),
             options=wire.rsa_options_to_proto(options or RsaOptions()),
         )
         return wire.from_proto(self._call(self.stub.ComputeRsa, request), RsaReport)
@@ -89,7 +93,7 @@ class AnalyzerClient(_Base):
                    n_bootstrap: int = 0, seed: int = 0, confidence: float = 0.95) -> DimensionsReport:
         request = apb.DimensionsRequest(
             data=_data(reps),
-            comparisons=[cpb.ModelPair(model_a=a, model_b=b) for a, b in comparisons or []],
+            comparisons=_pairs(comparisons),
             n_bootstrap=n_bootstrap, seed=seed, confidence=confidence)
         return wire.from_proto(self._call(self.stub.CompareDimensions, request), DimensionsReport)
 
@@ -97,7 +101,7 @@ class AnalyzerClient(_Base):
               include_per_word: bool = False) -> WordsReport:
         request = apb.WordsRequest(
             data=_data(reps),
-            comparisons=[cpb.ModelPair(model_a=a, model_b=b) for a, b in comparisons or []],
+            comparisons=_pairs(comparisons),
             include_per_word=include_per_word)
         return wire.from_proto(self._call(self.stub.CompareWords, request), WordsReport)
 

@@ -17,7 +17,7 @@ import numpy as np
 from sensorium.errors import InvalidArgument
 from sensorium.rsa.compare import Comparison, compare_rdms
 from sensorium.rsa.rdm import Distance, calc_rdm, n_pairs, pair_rows, self_distances, zscore
-from sensorium.rsa.ranks import WeightedRanks, rank_average
+from sensorium.rsa.ranks import WeightedRanks, argsort_packed, rank_average
 
 
 def resample_indices(n: int, n_resamples: int, seed: int) -> np.ndarray:
@@ -57,7 +57,7 @@ class IndexBootstrap:
         self.n = n
         self.comparison = comparison
         ref = np.concatenate(reference)
-        self._order = np.argsort(ref, kind="stable")
+        self._order = argsort_packed(ref)
         i, j = pair_rows(n, 0, n - 1) if n > 1 else (np.empty(0, np.int32),) * 2
         words = np.arange(n, dtype=np.int32)
         self._i = np.concatenate((i, words))[self._order].astype(np.intp)

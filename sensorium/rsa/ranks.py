@@ -199,44 +199,47 @@ class WeightedRanks:
 
     A bootstrap resample of words turns every pair of the full RDM into a pair counted
     ``c_i * c_j`` times; the tie groups of the values never change, so the tie-averaged ranks of
-    the resampled RDM follow from one sort done here and a weighted histogram per resample.
-    Values that are already sorted (the reference RDM, laid out in its own order) are summed per
-    tie group sequentially instead of scattered. Buffers are reused: fresh multi-megabyte arrays
-    per resample cost page faults that show in the timings.
+    the resampled RDM follow from one sort done here, not one per resample:
+
+    - a vector laid out in its own sorted order (the reference RDM): a running sum of the
+      weights is each value's rank, and only the tied values are averaged afterwards;
+    - any other vector: a weighted histogram over its tie groups (numpy's scatter-add beats a
+      random gather into sorted order at this size).
     """
 
     def __init__(self, values: np.ndarray) -> None:
-        order = np.argsort(values, kind="stable")
+        order = argsort_packed(values)
         v = values[order]
         new = np.empty(len(v), dtype=bool)
         new[:1] = True
         np.not_equal(v[1:], v[:-1], out=new[1:])
-        self.n_groups = int(new.sum())
-        self.sorted = bool(np.all(order == np.arange(len(v))))
-        if self.sorted:
-            self.starts = np.flatnonzero(new)
-            self.lengths = np.diff(np.append(self.starts, len(v)))
-            self.no_ties = self.n_groups == len(v)
+        group_sorted = np.cumsum(new) - 1
+        self.n_groups = int(group_sorted[-1]) + 1 if len(v) else 0
+        # in order: ascending as laid out (the order of ties within a group does not matter)
+        self.in_order = bool(np.all(values[1:] >= values[:-1])) if len(v) else True
+        if self.in_order:
+            sizes = np.bincount(group_sorted, minlength=self.n_groups)
+            # tied elements, their tie group (renumbered 0..T-1) and each group's first element
+            self.tie_pos = np.flatnonzero(sizes[group_sorted] > 1)
+            tie_groups, self.tie_group = np.unique(group_sorted[self.tie_pos], return_inverse=True)
+            self.tie_first = np.searchsorted(group_sorted, tie_groups, side="left")
         else:
             self.group = np.empty(len(v), dtype=np.intp)
-            self.group[order] = np.cumsum(new) - 1
-        self._avg = np.empty(self.n_groups)
-        self._half = np.empty(self.n_groups)
+            self.group[order] = group_sorted
 
     def ranks(self, w: np.ndarray) -> tuple[np.ndarray, float]:
-        """Per-element tie-averaged ranks of the weighted multiset and their weighted sum of squares."""
-        if self.sorted:
-            gw = w if self.no_ties else np.add.reduceat(w, self.starts)
-        else:
+        """Per-element tie-averaged ranks and their weighted sum of squares."""
+        if not self.in_order:
             gw = np.bincount(self.group, weights=w, minlength=self.n_groups)
-        half = np.multiply(gw, 0.5, out=self._half)
-        avg = np.cumsum(gw, out=self._avg)
-        avg -= half
-        avg += 0.5
-        np.multiply(gw, avg, out=half)
-        ss = float(np.dot(half, avg))
-        if self.sorted:
-            if self.no_ties:
-                return avg, ss
-            return np.repeat(avg, self.lengths), ss
-        return avg[self.group], ss
+            avg = np.cumsum(gw)
+            avg -= 0.5 * gw
+            avg += 0.5
+            return avg[self.group], float(np.dot(gw * avg, avg))
+        cs = np.cumsum(w)
+        r = cs - 0.5 * w
+        r += 0.5
+        if len(self.tie_pos):
+            group_weight = np.bincount(self.tie_group, weights=w[self.tie_pos], minlength=len(self.tie_first))
+            below = cs[self.tie_first] - w[self.tie_first]
+            r[self.tie_pos] = (below + (group_weight + 1.0) / 2.0)[self.tie_group]
+        return r, float(np.dot(w * r, r))
