@@ -33,6 +33,36 @@ def _clean(obj: Any) -> Any:
     return obj
 
 
+class _ProgressBar:
+    """Bootstrap progress on stderr when a person is watching; silent in pipelines."""
+
+    def __init__(self) -> None:
+        self.bar = None
+        self.label = ""
+
+    def update(self, label: str, done: int, total: int) -> None:
+        if not sys.stderr.isatty():
+            return
+        from tqdm import tqdm
+
+        if self.bar is None or label != self.label:
+            self.close()
+            self.bar, self.label = tqdm(total=total, desc=label, file=sys.stderr, leave=False), label
+        self.bar.n = done
+        self.bar.refresh()
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
+
+    def __enter__(self) -> _ProgressBar:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
 def _representations(args: argparse.Namespace, models: dict[str, list[str]]):
     from sensorium.representations import Representations
     from sensorium.tables import read_table
@@ -61,7 +91,11 @@ def cmd_rsa(args: argparse.Namespace) -> dict:
     options = RsaOptions(distance=args.distance, comparison=args.compare, zscore=not args.no_zscore,
                          n_bootstrap=args.bootstrap, seed=args.seed, bootstrap_mode=args.bootstrap_mode,
                          n_permutations=args.permutations)
-    report = _client(args).rsa(reps, options=options) if args.server else run_rsa(reps, options=options)
+    if args.server:
+        report = _client(args).rsa(reps, options=options)
+    else:
+        with _ProgressBar() as bar:
+            report = run_rsa(reps, options=options, progress=bar.update)
     r = report.results[0]
     out = {"rsa": r.rsa, "n_words": r.n_words, "n_dropped": r.n_dropped, "features": r.features,
            "method": report.method}

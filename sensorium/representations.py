@@ -30,7 +30,8 @@ class Limits(BaseModel):
     max_permutations: int = Field(100_000, ge=0, description="permutations per request")
 
 
-def _limit(value: int, limit: int, what: str, setting: str) -> None:
+def check_limit(value: int, limit: int, what: str, setting: str) -> None:
+    """Refuse a request beyond a configured size, naming the setting that bounds it."""
     if value > limit:
         raise ResourceExhausted(f"request has {value} {what}; the limit is {limit} (setting {setting})")
 
@@ -74,9 +75,9 @@ class Representations:
                 raise InvalidArgument("a model has an empty name")
 
     def check(self, limits: Limits) -> None:
-        _limit(len(self.words), limits.max_words, "words", "max_words")
-        _limit(len(self.feature_names), limits.max_features, "features", "max_features")
-        _limit(len(self.models), limits.max_models, "models", "max_models")
+        check_limit(len(self.words), limits.max_words, "words", "max_words")
+        check_limit(len(self.feature_names), limits.max_features, "features", "max_features")
+        check_limit(len(self.models), limits.max_models, "models", "max_models")
 
     def model(self, name: str) -> np.ndarray:
         try:

@@ -14,7 +14,7 @@ from pydantic import BaseModel, Field
 from scipy import stats as sps
 
 from sensorium.errors import InvalidArgument
-from sensorium.representations import MIN_WORDS, Limits, Representations, _limit
+from sensorium.representations import MIN_WORDS, Limits, Representations, check_limit
 from sensorium.rsa.analysis import Interval
 from sensorium.rsa.inference import percentile_interval, resample_indices
 
@@ -90,7 +90,7 @@ def compare_dimensions(reps: Representations, comparisons: list[tuple[str, str]]
                        limits: Limits | None = None) -> DimensionsReport:
     limits = limits or Limits()
     reps.check(limits)
-    _limit(n_bootstrap, limits.max_bootstrap, "bootstrap resamples", "max_bootstrap")
+    check_limit(n_bootstrap, limits.max_bootstrap, "bootstrap resamples", "max_bootstrap")
     if not reps.models:
         raise InvalidArgument("no models to compare with the human data")
     correlations: list[DimensionCorrelation] = []

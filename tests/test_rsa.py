@@ -175,9 +175,11 @@ def test_run_rsa_values_intervals_and_differences() -> None:
     rng = np.random.default_rng(7)
     reps = make_reps(rng)
     options = RsaOptions(n_bootstrap=30, seed=3)
+    ticks: list[tuple[str, int, int]] = []
     report = run_rsa(reps, [DimensionSet(name="sensory"), DimensionSet(name="motor"),
                             DimensionSet(name="mine", features=["visual", "Haptic.mean"])],
-                     [("good", "bad")], options)
+                     [("good", "bad")], options, progress=lambda *t: ticks.append(t))
+    assert ticks[-1][1:] == (30, 30) and "bootstrap mine" in ticks[-1][0]
     by = {(r.model, r.dimension_set): r for r in report.results}
     good = by[("good", "sensory")]
     assert good.n_words == 59 and good.n_dropped == 1

@@ -7,13 +7,14 @@ difference of two models uses the very resamples their own intervals used.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Literal
 
 import numpy as np
 from pydantic import BaseModel, Field
 
 from sensorium.errors import InvalidArgument
-from sensorium.representations import MIN_WORDS, Limits, Representations, _limit
+from sensorium.representations import MIN_WORDS, Limits, Representations, check_limit
 from sensorium.rsa.compare import Comparison, check_comparison, compare_rdms
 from sensorium.rsa.inference import (
     IndexBootstrap,
@@ -27,6 +28,10 @@ from sensorium.rsa.inference import (
 )
 from sensorium.rsa.ranks import doubled_ranks, spearman_from_ranks
 from sensorium.rsa.rdm import DISTANCES, Distance
+
+
+#: ``progress(label, done, total)``: how far a long computation has come.
+Progress = Callable[[str, int, int], None]
 
 
 class RsaOptions(BaseModel):
@@ -174,35 +179,40 @@ class _Group:
                                          feature_reliability=feature_reliability(self.human, sd, cnt).tolist())
         return self._ceiling
 
-    def bootstrap(self, models: list[str]) -> None:
+    def bootstrap(self, models: list[str], progress: Progress | None = None, label: str = "") -> None:
         todo = [m for m in models if m not in self.samples]
         if not todo:
             return
         o = self.options
         n = int(self.rows.sum())
         idx = resample_indices(n, o.n_bootstrap, o.seed)
+        tick = (lambda k: progress(f"{label}: {', '.join(todo)}", k, o.n_bootstrap)) if progress else None
         if o.bootstrap_mode == "index":
-            samples = IndexBootstrap(n, self.ref, [self.rdm(m) for m in todo], o.comparison).run(idx)
+            samples = IndexBootstrap(n, self.ref, [self.rdm(m) for m in todo], o.comparison).run(idx, tick)
         else:
             samples = renormalized_bootstrap(self.human, [self.matrix(m) for m in todo], idx,
-                                             o.distance, o.zscore, o.comparison)
+                                             o.distance, o.zscore, o.comparison, tick)
         for k, m in enumerate(todo):
             self.samples[m] = samples[:, k]
 
 
 def run_rsa(reps: Representations, dimension_sets: list[DimensionSet] | None = None,
             comparisons: list[tuple[str, str]] | None = None, options: RsaOptions | None = None,
-            limits: Limits | None = None) -> RsaReport:
+            limits: Limits | None = None, progress: Progress | None = None) -> RsaReport:
+    """RSA of every model against the human data, for every dimension set.
+
+    ``progress(label, done, total)`` is called as bootstrap resamples complete.
+    """
     options = options or RsaOptions()
     limits = limits or Limits()
     check_comparison(options.comparison)
     if options.distance not in DISTANCES:
         raise InvalidArgument(f"unknown distance {options.distance!r}")
     reps.check(limits)
-    _limit(options.n_bootstrap, limits.max_bootstrap, "bootstrap resamples", "max_bootstrap")
-    _limit(options.n_permutations, limits.max_permutations, "permutations", "max_permutations")
+    check_limit(options.n_bootstrap, limits.max_bootstrap, "bootstrap resamples", "max_bootstrap")
+    check_limit(options.n_permutations, limits.max_permutations, "permutations", "max_permutations")
     if options.n_bootstrap:
-        _limit(len(reps.words), limits.max_bootstrap_words, "words in a bootstrapped RSA", "max_bootstrap_words")
+        check_limit(len(reps.words), limits.max_bootstrap_words, "words in a bootstrapped RSA", "max_bootstrap_words")
     if not reps.models:
         raise InvalidArgument("no models to compare with the human data")
     comparisons = comparisons or []
@@ -244,7 +254,7 @@ def run_rsa(reps: Representations, dimension_sets: list[DimensionSet] | None = N
                 todo = needed.setdefault(id(g), (g, []))[1]
                 todo.extend(m for m in members if m not in todo)
             for g, todo in needed.values():
-                g.bootstrap(todo)
+                g.bootstrap(todo, progress, f"bootstrap {s.name}")
         for model, g in model_groups.items():
             value = g.rsa(model)
             result = RsaResult(model=model, dimension_set=s.name, rsa=value, n_words=int(g.rows.sum()),

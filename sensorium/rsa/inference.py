@@ -66,6 +66,7 @@ class IndexBootstrap:
         self._self_word = self._i[self._self_pos]
         self._w = np.empty(len(self._i))
         self._wj = np.empty(len(self._i))
+        self.n_models = len(models)
         values = [ref[self._order]] + [np.concatenate(m)[self._order] for m in models]
         if comparison == "spearman":
             self._rankers = [WeightedRanks(v) for v in values]
@@ -83,7 +84,7 @@ class IndexBootstrap:
         """RSA of each model for one resample, given how often each word was drawn."""
         w = self._weights(counts.astype(np.float64))
         total = self.n * (self.n - 1) / 2.0  # sum of w: a resample always has n words
-        out = np.empty(len(self._rankers if self.comparison == "spearman" else self._values) - 1)
+        out = np.empty(self.n_models)
         if self.comparison == "spearman":
             mean = (total + 1.0) / 2.0
             r_ref, ss_ref = self._rankers[0].ranks(w)
@@ -105,7 +106,7 @@ class IndexBootstrap:
 
     def run(self, indices: np.ndarray, progress: Callable[[int], None] | None = None) -> np.ndarray:
         """RSA samples, resamples x models."""
-        out = np.empty((len(indices), len(self._rankers if self.comparison == "spearman" else self._values) - 1))
+        out = np.empty((len(indices), self.n_models))
         for r, idx in enumerate(indices):
             out[r] = self.statistics(np.bincount(idx, minlength=self.n))
             if progress:
@@ -114,7 +115,8 @@ class IndexBootstrap:
 
 
 def renormalized_bootstrap(human: np.ndarray, models: Sequence[np.ndarray], indices: np.ndarray,
-                           distance: Distance, zscored: bool, comparison: Comparison) -> np.ndarray:
+                           distance: Distance, zscored: bool, comparison: Comparison,
+                           progress: Callable[[int], None] | None = None) -> np.ndarray:
     """The paper notebook's scheme: z-scores and RDMs recomputed inside every resample."""
     out = np.empty((len(indices), len(models)))
     for r, idx in enumerate(indices):
@@ -122,6 +124,8 @@ def renormalized_bootstrap(human: np.ndarray, models: Sequence[np.ndarray], indi
         ref = calc_rdm(prep(human), distance)
         for k, m in enumerate(models):
             out[r, k] = compare_rdms(ref, calc_rdm(prep(m), distance), comparison)
+        if progress:
+            progress(r + 1)
     return out
 
 
