@@ -37,30 +37,23 @@ class _ProgressBar:
     """Bootstrap progress on stderr when a person is watching; silent in pipelines."""
 
     def __init__(self) -> None:
-        self.bar = None
-        self.label = ""
+        self.shown = False
+        self.tty = sys.stderr.isatty()
 
     def update(self, label: str, done: int, total: int) -> None:
-        if not sys.stderr.isatty():
-            return
-        from tqdm import tqdm
-
-        if self.bar is None or label != self.label:
-            self.close()
-            self.bar, self.label = tqdm(total=total, desc=label, file=sys.stderr, leave=False), label
-        self.bar.n = done
-        self.bar.refresh()
-
-    def close(self) -> None:
-        if self.bar is not None:
-            self.bar.close()
-            self.bar = None
+        if self.tty:
+            filled = 30 * done // max(total, 1)
+            sys.stderr.write(f"\r{label[:40]:<40} [{'#' * filled}{'.' * (30 - filled)}] {done}/{total}")
+            sys.stderr.flush()
+            self.shown = True
 
     def __enter__(self) -> _ProgressBar:
         return self
 
     def __exit__(self, *exc: object) -> None:
-        self.close()
+        if self.shown:
+            sys.stderr.write("\r" + " " * 90 + "\r")
+            sys.stderr.flush()
 
 
 def _representations(args: argparse.Namespace, models: dict[str, list[str]]):
