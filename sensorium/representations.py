@@ -28,6 +28,8 @@ class Limits(BaseModel):
     max_bootstrap: int = Field(10_000, ge=0, description="bootstrap resamples per request")
     max_bootstrap_words: int = Field(5_000, ge=MIN_WORDS, description="words in a bootstrapped RSA")
     max_permutations: int = Field(100_000, ge=0, description="permutations per request")
+    max_dimension_sets: int = Field(64, ge=1, description="dimension sets per request")
+    max_comparisons: int = Field(64, ge=0, description="model pairs compared per request")
 
 
 def check_limit(value: int, limit: int, what: str, setting: str) -> None:
@@ -92,8 +94,14 @@ class Representations:
         the feature name stands for ("Auditory.mean" answers to "auditory"). An empty list under
         the name "all" means every feature; under "sensory" or "motor", those canonical dimensions.
         """
-        folded = [x.casefold() for x in self.feature_names]
-        canon = [canonical_dimension(x) for x in self.feature_names]
+        # name -> first column; dictionaries keep a hostile list of names linear, not quadratic
+        folded: dict[str, int] = {}
+        canon: dict[str, int] = {}
+        for k, x in enumerate(self.feature_names):
+            folded.setdefault(x.casefold(), k)
+            d = canonical_dimension(x)
+            if d is not None:
+                canon.setdefault(d, k)
         if not features:
             key = set_name.strip().lower() or "all"
             if key == "all":
@@ -101,22 +109,27 @@ class Representations:
             if key not in DIMENSION_SETS:
                 raise InvalidArgument(f"dimension set {set_name!r} lists no features (and is not one of "
                                       f"{', '.join(DIMENSION_SETS)})")
-            idx = [canon.index(d) for d in DIMENSION_SETS[key] if d in canon]
+            idx = [canon[d] for d in DIMENSION_SETS[key] if d in canon]
             if not idx:
                 raise InvalidArgument(f"dimension set {set_name!r}: none of {', '.join(DIMENSION_SETS[key])} "
                                       f"is among the features {list(self.feature_names)[:20]}")
             return idx
+        if len(features) > len(self.feature_names):
+            raise InvalidArgument(f"dimension set {set_name!r} lists {len(features)} dimensions; "
+                                  f"there are only {len(self.feature_names)} features")
         out: list[int] = []
+        seen: set[int] = set()
         for feat in features:
             key = feat.strip().casefold()
             if key in folded:
-                k = folded.index(key)
+                k = folded[key]
             elif key in canon:
-                k = canon.index(key)
+                k = canon[key]
             else:
                 raise InvalidArgument(f"unknown dimension {feat!r}; features are: {', '.join(self.feature_names[:30])}")
-            if k in out:
+            if k in seen:
                 raise InvalidArgument(f"dimension {feat!r} is listed twice in set {set_name!r}")
+            seen.add(k)
             out.append(k)
         return out
 

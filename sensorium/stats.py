@@ -91,6 +91,7 @@ def compare_dimensions(reps: Representations, comparisons: list[tuple[str, str]]
     limits = limits or Limits()
     reps.check(limits)
     check_limit(n_bootstrap, limits.max_bootstrap, "bootstrap resamples", "max_bootstrap")
+    check_limit(len(comparisons or []), limits.max_comparisons, "model comparisons", "max_comparisons")
     if not reps.models:
         raise InvalidArgument("no models to compare with the human data")
     correlations: list[DimensionCorrelation] = []
@@ -166,6 +167,7 @@ def compare_words(reps: Representations, comparisons: list[tuple[str, str]] | No
                   include_per_word: bool = False, limits: Limits | None = None) -> WordsReport:
     limits = limits or Limits()
     reps.check(limits)
+    check_limit(len(comparisons or []), limits.max_comparisons, "model comparisons", "max_comparisons")
     if not reps.models:
         raise InvalidArgument("no models to compare with the human data")
     sims: dict[str, np.ndarray] = {}

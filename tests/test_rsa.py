@@ -254,6 +254,14 @@ def test_bad_requests_are_refused_clearly() -> None:
         run_rsa(reps, limits=Limits(max_words=10))
     with pytest.raises(ResourceExhausted, match="max_bootstrap"):
         run_rsa(reps, options=RsaOptions(n_bootstrap=50), limits=Limits(max_bootstrap=10))
+    with pytest.raises(ResourceExhausted, match="max_comparisons"):
+        run_rsa(reps, comparisons=[("good", "bad")] * 65, options=RsaOptions(n_bootstrap=5))
+    with pytest.raises(ResourceExhausted, match="max_dimension_sets"):
+        run_rsa(reps, [DimensionSet(name=f"s{i}") for i in range(65)])
+    with pytest.raises(InvalidArgument, match="lists 100000 dimensions"):
+        run_rsa(reps, [DimensionSet(name="x", features=["visual"] * 100_000)])
+    with pytest.raises(InvalidArgument, match="listed twice"):
+        run_rsa(reps, [DimensionSet(name="x", features=["visual", "VISUAL.mean"])])
     with pytest.raises(InvalidArgument, match="at least 3 words"):
         Representations(words=("a", "b"), feature_names=("x",), human=np.zeros((2, 1)))
     with pytest.raises(InvalidArgument, match="duplicate word"):

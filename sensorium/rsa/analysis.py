@@ -216,6 +216,8 @@ def run_rsa(reps: Representations, dimension_sets: list[DimensionSet] | None = N
     if not reps.models:
         raise InvalidArgument("no models to compare with the human data")
     comparisons = comparisons or []
+    check_limit(len(comparisons), limits.max_comparisons, "model comparisons", "max_comparisons")
+    check_limit(len(dimension_sets or []), limits.max_dimension_sets, "dimension sets", "max_dimension_sets")
     for a, b in comparisons:
         reps.model(a), reps.model(b)
         if a == b:

@@ -23,6 +23,8 @@ class AnalyzerSettings(ServiceSettings):
     max_bootstrap: int = Field(10_000, ge=0, description="Most bootstrap resamples in one request.")
     max_bootstrap_words: int = Field(5_000, ge=3, description="Most words in a bootstrapped RSA.")
     max_permutations: int = Field(100_000, ge=0, description="Most permutations in one request.")
+    max_dimension_sets: int = Field(64, ge=1, description="Most dimension sets in one request.")
+    max_comparisons: int = Field(64, ge=0, description="Most model pairs compared in one request.")
     workers: int = Field(2, ge=1, description="Analyses computed at once; each runs in its own thread.")
     max_queued: int = Field(16, ge=0, description="Analyses waiting for a worker beyond which requests are refused.")
 
