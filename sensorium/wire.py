@@ -7,7 +7,8 @@ the client does the reverse with the same ones, so the two ends cannot drift apa
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import TypeVar
+import math
+from typing import Any, TypeVar
 
 import numpy as np
 from google.protobuf import json_format
@@ -128,9 +129,23 @@ M = TypeVar("M", bound=Message)
 B = TypeVar("B", bound=BaseModel)
 
 
+def _json_floats(obj: Any) -> Any:
+    """Non-finite floats in the spelling protobuf's JSON mapping expects ("NaN", "Infinity")."""
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return "NaN" if math.isnan(obj) else ("Infinity" if obj > 0 else "-Infinity")
+    if isinstance(obj, dict):
+        return {k: _json_floats(v) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [_json_floats(v) for v in obj]
+    return obj
+
+
 def to_proto(model: BaseModel, message: type[M]) -> M:
-    """A result model as its message: the two share field names by design."""
-    return json_format.ParseDict(model.model_dump(exclude_none=True), message())
+    """A result model as its message: the two share field names by design.
+
+    An undefined statistic (NaN) is a value to report, not a reason to fail the call.
+    """
+    return json_format.ParseDict(_json_floats(model.model_dump(exclude_none=True)), message())
 
 
 def from_proto(message: Message, model: type[B]) -> B:

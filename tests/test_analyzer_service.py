@@ -167,3 +167,16 @@ def test_analyzer_starts_without_torch() -> None:
     out = subprocess.run([sys.executable, "-c", "import json;" + code], cwd=ROOT, capture_output=True,
                          text=True, check=True)
     assert json.loads(out.stdout) == []
+
+
+def test_undefined_statistics_travel_as_nan(client: AnalyzerClient) -> None:
+    # every word has the same model vector: its RDM is constant and the correlation undefined
+    r = reps()
+    flat = Representations(words=r.words, feature_names=r.feature_names, human=r.human,
+                           models={"flat": np.ones_like(r.human), "ft": r.models["ft"]})
+    report = client.rsa(flat, options=RsaOptions(zscore=False, n_bootstrap=10))
+    got = {x.model: x for x in report.results}
+    assert np.isnan(got["flat"].rsa) and np.isnan(got["flat"].ci.low)
+    assert np.isfinite(got["ft"].rsa)
+    local = {x.model: x for x in run_rsa(flat, options=RsaOptions(zscore=False, n_bootstrap=10)).results}
+    assert got["ft"] == local["ft"]

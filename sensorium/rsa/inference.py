@@ -93,7 +93,8 @@ class IndexBootstrap:
             for k, ranker in enumerate(self._rankers[1:]):
                 r, ss = ranker.ranks(w)
                 cov = float(np.dot(wr_ref, r)) - total * mean * mean
-                out[k] = cov / np.sqrt(var_ref * (ss - total * mean * mean))
+                with np.errstate(invalid="ignore", divide="ignore"):  # a constant RDM: undefined, NaN
+                    out[k] = cov / np.sqrt(var_ref * (ss - total * mean * mean))
         else:
             x = self._values[0]
             mx = float(np.dot(w, x)) / total
@@ -101,7 +102,8 @@ class IndexBootstrap:
             var_x = float(np.dot(wx, x - mx))
             for k, y in enumerate(self._values[1:]):
                 my = float(np.dot(w, y)) / total
-                out[k] = float(np.dot(wx, y - my)) / np.sqrt(var_x * float(np.dot(w, (y - my) ** 2)))
+                with np.errstate(invalid="ignore", divide="ignore"):
+                    out[k] = float(np.dot(wx, y - my)) / np.sqrt(var_x * float(np.dot(w, (y - my) ** 2)))
         return out
 
     def run(self, indices: np.ndarray, progress: Callable[[int], None] | None = None) -> np.ndarray:
