@@ -12,7 +12,7 @@ import math
 import sys
 from typing import Any
 
-from sensorium.errors import SensoriumError
+from sensorium.errors import SensoriumError, validated
 
 
 def _cols(text: str) -> list[str]:
@@ -81,7 +81,7 @@ def cmd_rsa(args: argparse.Namespace) -> dict:
     from sensorium.rsa import RsaOptions, run_rsa
 
     reps = _representations(args, _models(args))
-    options = RsaOptions(distance=args.distance, comparison=args.compare, zscore=not args.no_zscore,
+    options = validated(RsaOptions, distance=args.distance, comparison=args.compare, zscore=not args.no_zscore,
                          n_bootstrap=args.bootstrap, seed=args.seed, bootstrap_mode=args.bootstrap_mode,
                          n_permutations=args.permutations)
     if args.server:

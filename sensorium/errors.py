@@ -6,6 +6,12 @@ CLI into a one-line message and a non-zero exit, so the library never needs to k
 
 from __future__ import annotations
 
+from typing import Any, TypeVar
+
+from pydantic import BaseModel, ValidationError
+
+B = TypeVar("B", bound=BaseModel)
+
 
 class SensoriumError(Exception):
     """Base class: a request that cannot be served, with a message meant for the caller."""
@@ -33,3 +39,12 @@ class AlreadyExists(SensoriumError):
 
 class Unauthenticated(SensoriumError):
     """The caller did not present valid credentials."""
+
+
+def validated(model: type[B], **fields: Any) -> B:
+    """A pydantic model built from caller input: a bad field is the caller's error, named."""
+    try:
+        return model(**fields)
+    except ValidationError as exc:
+        problems = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())
+        raise InvalidArgument(f"invalid {model.__name__}: {problems}") from None

@@ -92,6 +92,8 @@ def compare_dimensions(reps: Representations, comparisons: list[tuple[str, str]]
     reps.check(limits)
     check_limit(n_bootstrap, limits.max_bootstrap, "bootstrap resamples", "max_bootstrap")
     check_limit(len(comparisons or []), limits.max_comparisons, "model comparisons", "max_comparisons")
+    if not 0.0 < confidence < 1.0:
+        raise InvalidArgument(f"confidence must lie between 0 and 1, got {confidence}")
     if not reps.models:
         raise InvalidArgument("no models to compare with the human data")
     correlations: list[DimensionCorrelation] = []

@@ -15,12 +15,15 @@ from google.protobuf import json_format
 from google.protobuf.message import Message
 from pydantic import BaseModel
 
-from sensorium.errors import InvalidArgument
+from sensorium.errors import InvalidArgument, validated
 from sensorium.representations import Representations
 from sensorium.rsa.analysis import DimensionSet, RsaOptions
 from sensorium.tables import RatingsTable
 from sensorium.v1 import analyzer_pb2 as apb
 from sensorium.v1 import common_pb2 as cpb
+
+M = TypeVar("M", bound=Message)
+B = TypeVar("B", bound=BaseModel)
 
 _DTYPES = {cpb.DTYPE_UNSPECIFIED: "<f8", cpb.DTYPE_FLOAT64: "<f8", cpb.DTYPE_FLOAT32: "<f4"}
 DISTANCE = {apb.DISTANCE_UNSPECIFIED: "cosine", apb.DISTANCE_COSINE: "cosine",
@@ -101,7 +104,8 @@ def representations_to_proto(reps: Representations) -> apb.Representations:
 
 
 def rsa_options_from_proto(o: apb.RsaOptions) -> RsaOptions:
-    return RsaOptions(
+    return validated(
+        RsaOptions,
         distance=_enum(DISTANCE, o.distance, "distance"), comparison=_enum(COMPARISON, o.comparison, "comparison"),
         zscore=not o.no_zscore, n_bootstrap=o.n_bootstrap, seed=o.seed,
         bootstrap_mode=_enum(BOOTSTRAP, o.bootstrap_mode, "bootstrap mode"), n_permutations=o.n_permutations,
@@ -123,10 +127,6 @@ def dimension_sets_from_proto(sets) -> list[DimensionSet]:
 
 def pairs_from_proto(pairs) -> list[tuple[str, str]]:
     return [(p.model_a, p.model_b) for p in pairs]
-
-
-M = TypeVar("M", bound=Message)
-B = TypeVar("B", bound=BaseModel)
 
 
 def _json_floats(obj: Any) -> Any:

@@ -116,6 +116,9 @@ BAD = {
     "unknown enum": (apb.RsaRequest(data=apb.Representations(inline=apb.InlineRepresentations(
         words=["a", "b", "c"], human=matrix(3, 1), models=[cpb.NamedMatrix(name="m", matrix=matrix(3, 1))])),
         options=apb.RsaOptions(distance=99)), grpc.StatusCode.INVALID_ARGUMENT, "unknown distance"),
+    "confidence out of range": (apb.RsaRequest(data=apb.Representations(inline=apb.InlineRepresentations(
+        words=["a", "b", "c"], human=matrix(3, 1), models=[cpb.NamedMatrix(name="m", matrix=matrix(3, 1))])),
+        options=apb.RsaOptions(confidence=1.5)), grpc.StatusCode.INVALID_ARGUMENT, "confidence"),
     "unknown table": (apb.RsaRequest(data=apb.Representations(table=apb.TableRepresentations(
         table="nope", human_columns=["x"]))), grpc.StatusCode.NOT_FOUND, "not registered"),
     "path-like table": (apb.RsaRequest(data=apb.Representations(table=apb.TableRepresentations(

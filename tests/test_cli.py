@@ -67,6 +67,7 @@ def test_dims_and_words_json(tmp_path: Path, capsys) -> None:
     (["--human", "nope", "--model", "vis_ft"], "no column 'nope'"),
     (["--human", "Visual.mean,Haptic.mean", "--model", "vis_ft"], "same order"),
     (["--human", "Visual.mean", "--model", "vis_ft", "--bootstrap", "99999999"], "max_bootstrap"),
+    (["--human", "Visual.mean", "--model", "vis_ft", "--bootstrap", "-3"], "n_bootstrap"),
 ])
 def test_errors_are_one_line(tmp_path: Path, capsys, argv: list[str], message: str) -> None:
     table = write_table(tmp_path / "t.csv")
