@@ -9,6 +9,8 @@ word-wise similarities (which words each model gets right).
 
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 from pydantic import BaseModel, Field
 from scipy import stats as sps
@@ -108,7 +110,9 @@ def compare_dimensions(reps: Representations, comparisons: list[tuple[str, str]]
                                        pearson=_pearson(m, h), n_words=int(ok.sum()))
             if n_bootstrap:
                 idx = resample_indices(len(h), n_bootstrap, seed)
-                with np.errstate(invalid="ignore", divide="ignore"):
+                # a resample can make a column constant: its correlation is NaN, not a warning
+                with np.errstate(invalid="ignore", divide="ignore"), warnings.catch_warnings():
+                    warnings.simplefilter("ignore", sps.ConstantInputWarning)
                     rs = np.array([_spearman(m[b], h[b]) for b in idx])
                     rp = np.array([_pearson(m[b], h[b]) for b in idx])
                 row.spearman_ci = Interval(**dict(zip(("low", "high"), percentile_interval(rs, confidence))))
