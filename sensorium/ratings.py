@@ -51,9 +51,11 @@ def parse_rating(text: str, low: float = 0.0, high: float = 5.0) -> float | None
 
 
 @dataclass(frozen=True)
-class ExpectedRatings:
+class Ratings:
     expected: np.ndarray  # per word, on 0..5
     mass: np.ndarray  # probability the six answer tokens hold together
+    answers: list[str]  # greedy answers ("" when not generated)
+    parsed: list[float | None]  # the greedy answer as a rating; None: unparseable
     prefix_reused: np.ndarray  # bool per word: computed through the shared prefix
 
 
@@ -93,20 +95,25 @@ def _shared_head(tokenizer: Any, prefix: str, full: list[list[int]]) -> tuple[li
     return best
 
 
-def expected_ratings(model: Any, tokenizer: Any, words: Sequence[str], prompt: Callable[[str], str],
-                     batch_size: int = 32, reuse_prefix: bool = True) -> ExpectedRatings:
-    """Expected ratings of ``words`` under one prompt (already chat-formatted if wanted)."""
+def rate(model: Any, tokenizer: Any, words: Sequence[str], prompt: Callable[[str], str], batch_size: int = 32,
+         max_new_tokens: int = 0, reuse_prefix: bool = True) -> Ratings:
+    """Both scorings of ``words`` under one prompt (already chat-formatted if wanted).
+
+    With ``max_new_tokens`` > 0 the greedy answer is decoded too, continuing from the same
+    forward pass that gave the expected rating; 0 skips decoding (the expected rating alone).
+    """
     import torch
 
     answer_ids = answer_token_ids(tokenizer)
     device = next(model.parameters()).device
     prefix, _ = split_prompt(prompt)
-    texts = [prompt(w) for w in words]
-    full = [tokenizer(t, add_special_tokens=True)["input_ids"] for t in texts]
+    full = [tokenizer(prompt(w), add_special_tokens=True)["input_ids"] for w in words]
     head, reusable = _shared_head(tokenizer, prefix, full) if reuse_prefix else ([], np.zeros(len(full), bool))
     expected = np.empty(len(words))
     mass = np.empty(len(words))
+    answers = [""] * len(words)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    eos = tokenizer.eos_token_id
 
     cache = None
     if reusable.any():
@@ -116,29 +123,50 @@ def expected_ratings(model: Any, tokenizer: Any, words: Sequence[str], prompt: C
     def run(rows: list[int], start: int) -> None:
         """Right-padded rows continuing after ``start`` cached tokens (0: no cache)."""
         seqs = [full[r][start:] for r in rows]
-        length = max(map(len, seqs))
-        ids = torch.full((len(rows), length), pad, dtype=torch.long)
-        mask = torch.zeros((len(rows), start + length), dtype=torch.long)
+        n, length = len(rows), max(map(len, seqs))
+        ids = torch.full((n, length), pad, dtype=torch.long)
+        mask = torch.zeros((n, start + length), dtype=torch.long)
         mask[:, :start] = 1
-        for i, s in enumerate(seqs):
-            ids[i, :len(s)] = torch.tensor(s)
-            mask[i, start:start + len(s)] = 1
-        kwargs: dict[str, Any] = {}
+        for i, seq in enumerate(seqs):
+            ids[i, :len(seq)] = torch.tensor(seq)
+            mask[i, start:start + len(seq)] = 1
+        past = None
         if start:
             past = copy.deepcopy(cache)
-            past.batch_repeat_interleave(len(rows))
-            kwargs["past_key_values"] = past
-        positions = torch.arange(start, start + length).expand(len(rows), -1)
+            past.batch_repeat_interleave(n)
+        positions = torch.arange(start, start + length).expand(n, -1)
+        lengths = torch.tensor([start + len(seq) for seq in seqs])  # real tokens so far, per row
         with torch.inference_mode():
-            logits = model(input_ids=ids.to(device), attention_mask=mask.to(device),
-                           position_ids=positions.to(device), use_cache=bool(start), **kwargs).logits
-        last = torch.tensor([len(s) - 1 for s in seqs])
-        e, m = _answer_distribution(logits[torch.arange(len(rows)), last.to(device)], answer_ids)
-        expected[rows], mass[rows] = e, m
+            out = model(input_ids=ids.to(device), attention_mask=mask.to(device), position_ids=positions.to(device),
+                        past_key_values=past, use_cache=max_new_tokens > 0 or bool(start))
+            logits = out.logits[torch.arange(n), (lengths - start - 1).to(device)]
+            e, m = _answer_distribution(logits, answer_ids)
+            expected[rows], mass[rows] = e, m
+            generated: list[list[int]] = [[] for _ in rows]
+            done = torch.zeros(n, dtype=torch.bool)
+            past = out.past_key_values
+            for step in range(max_new_tokens):
+                token = logits.argmax(-1).cpu()
+                for i in range(n):
+                    if not done[i]:
+                        generated[i].append(int(token[i]))
+                done |= token == eos if eos is not None else torch.zeros(n, dtype=torch.bool)
+                if step == max_new_tokens - 1 or done.all():
+                    break
+                # the new token goes after each row's padding: masks keep the padding out of
+                # attention, positions continue each row's own count
+                mask = torch.cat([mask, torch.ones((n, 1), dtype=torch.long)], dim=1)
+                out = model(input_ids=token[:, None].to(device), attention_mask=mask.to(device),
+                            position_ids=lengths[:, None].to(device), past_key_values=past, use_cache=True)
+                lengths += 1
+                past, logits = out.past_key_values, out.logits[:, -1]
+        for i, r in enumerate(rows):
+            answers[r] = tokenizer.decode([t for t in generated[i] if t != eos], skip_special_tokens=True)
 
     order = np.argsort([len(f) for f in full], kind="stable")  # similar lengths batch together
     for flag, start in ((True, len(head)), (False, 0)):
         rows = [int(r) for r in order if reusable[r] == flag]
         for b in range(0, len(rows), batch_size):
             run(rows[b:b + batch_size], start)
-    return ExpectedRatings(expected, mass, reusable)
+    parsed = [parse_rating(a) if max_new_tokens else None for a in answers]
+    return Ratings(expected, mass, answers, parsed, reusable)
