@@ -246,9 +246,15 @@ def test_failed_conversion_leaves_nothing_visible(fake_gguf: Path, tmp_path: Pat
 # ---- the real default model --------------------------------------------------------------------------
 
 
+@pytest.fixture(scope="module")
+def smollm2_store(tmp_path_factory: pytest.TempPathFactory) -> ModelStore:
+    """One store for the module: the first test converts, later ones reuse the entry."""
+    return ModelStore(tmp_path_factory.mktemp("smollm2") / "store")
+
+
 @pytest.mark.slow
-def test_smollm2_gguf_converts_once(tmp_path: Path) -> None:
-    store = ModelStore(tmp_path / "store")
+def test_smollm2_gguf_converts_once(smollm2_store: ModelStore) -> None:
+    store = smollm2_store
     registry = ModelRegistry.default(store)
     spec = registry.spec(DEFAULT_MODEL)
     gguf = store.gguf_path(spec)
@@ -279,3 +285,28 @@ def test_smollm2_gguf_converts_once(tmp_path: Path) -> None:
         logits = loaded.model(**batch).logits[0, -1]
     assert torch.isfinite(logits).all()
     assert "Paris" in loaded.tokenizer.decode(logits.topk(5).indices)
+
+
+@pytest.mark.slow
+def test_smollm2_expected_rating_equals_one_unbatched_forward_pass(smollm2_store: ModelStore) -> None:
+    import torch
+
+    from sensorium.prompts import chat_prompt, default_template
+    from sensorium.ratings import answer_token_ids, rate
+
+    loaded = ModelRegistry.default(smollm2_store).load(DEFAULT_MODEL)
+    model, tokenizer = loaded.model, loaded.tokenizer
+    template = default_template("en", "gustatory")
+    prompt = lambda w: chat_prompt(template.render(w), tokenizer)  # noqa: E731
+    words = ["lemon", "thunder", "chair"]
+    got = rate(model, tokenizer, words, prompt, batch_size=3, max_new_tokens=4)
+    assert got.prefix_reused.all()
+    ids = answer_token_ids(tokenizer)
+    for i, word in enumerate(words):
+        enc = tokenizer(prompt(word), return_tensors="pt")
+        with torch.inference_mode():
+            p = torch.softmax(model(**enc).logits[0, -1].float(), -1)[ids].double()
+        assert got.expected[i] == pytest.approx(float((p / p.sum()) @ torch.arange(6.0, dtype=torch.float64)), abs=1e-4)
+        assert got.mass[i] == pytest.approx(float(p.sum()), abs=1e-5)
+    # the base model answers in words as often as in digits: unparseable answers are reported
+    assert len(got.answers) == 3 and all(isinstance(a, str) for a in got.answers)
