@@ -96,3 +96,20 @@ def pytest_terminal_summary(terminalreporter) -> None:
     terminalreporter.section("time per test file")
     for path, seconds in sorted(_durations.items(), key=lambda kv: -kv[1]):
         terminalreporter.write_line(f"{seconds:8.2f} s  {path}")
+
+
+# ---- the extractor over a tiny offline model ------------------------------------------------
+def extractor_env(model_path: Path, **extra: str) -> dict[str, str]:
+    """Environment that offers the tiny model as "tiny" and loads it before readiness."""
+    import json
+
+    spec = {"name": "tiny", "source": {"path": str(model_path)}, "kind": "causal-lm", "device": "cpu"}
+    return {"SENSORIUM_EXTRACTOR_MODELS": json.dumps({"tiny": spec}),
+            "SENSORIUM_EXTRACTOR_PRELOAD": json.dumps(["tiny"]), **extra}
+
+
+@pytest.fixture(scope="session")
+def tiny_model_path(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from sensorium.models.tiny import build_tiny_llama
+
+    return build_tiny_llama(tmp_path_factory.mktemp("tiny") / "model")

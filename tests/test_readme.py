@@ -6,7 +6,7 @@ import re
 
 from conftest import ROOT, ServiceProcess
 from services.analyzer.settings import AnalyzerSettings
-from services.common import settings_env_table
+from services.common import ServiceSettings, settings_env_table
 
 README = (ROOT / "README.md").read_text()
 
@@ -23,9 +23,16 @@ def test_client_example_runs(analyzer_process: ServiceProcess, capsys) -> None:
     assert "tuned" in out and "tuned - base:" in out
 
 
-def test_every_analyzer_setting_is_documented() -> None:
+def test_every_setting_is_documented() -> None:
+    from services.extractor.settings import ExtractorSettings
+
     for env, _, _ in settings_env_table(AnalyzerSettings):
         assert f"`{env}`" in README, f"{env} is missing from the README settings table"
+    common = {name.upper() for name in ServiceSettings.model_fields}
+    for env, _, _ in settings_env_table(ExtractorSettings):
+        short = env.removeprefix("SENSORIUM_EXTRACTOR_")
+        documented = f"`{env}`" in README or short in common
+        assert documented, f"{env} is missing from the README"
     assert make_commands_first()
 
 

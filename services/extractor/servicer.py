@@ -1,0 +1,285 @@
+"""gRPC glue of the extractor: check the request, run the model in a worker thread, encode.
+
+Forward passes take from milliseconds to minutes; they run off the event loop so that health
+checks and ListModels keep being answered while a model computes. Models load on first use
+(or at startup for ``preload``) and then stay resident, one per name: loading takes seconds and
+a converted GGUF tens of seconds, far more than any single request should pay twice.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+import time
+import unicodedata
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from contextlib import asynccontextmanager
+from typing import TypeVar
+
+import grpc
+import numpy as np
+
+from sensorium import wire
+from sensorium.activations import POOLINGS, iter_activations, resolve_layers
+from sensorium.cache import Space, VectorCache
+from sensorium.errors import InvalidArgument, NotFound, ResourceExhausted
+from sensorium.models.store import LoadedModel, ModelRegistry, ModelStore
+from sensorium.prompts import available, chat_prompt, default_template
+from sensorium.prompts.template import PromptTemplate
+from sensorium.ratings import rate
+from sensorium.v1 import extractor_pb2 as epb
+from sensorium.v1 import extractor_pb2_grpc as epb_grpc
+from services.extractor.settings import ExtractorSettings
+
+logger = logging.getLogger(__name__)
+
+T = TypeVar("T")
+DEFAULT_LANGUAGE = "en"
+DEFAULT_POOLING = "last"
+DEFAULT_K = 10
+
+
+class Models:
+    """The registry's models, each loaded at most once and kept resident."""
+
+    def __init__(self, registry: ModelRegistry) -> None:
+        self.registry = registry
+        self._loaded: dict[str, LoadedModel] = {}
+        self._locks: dict[str, threading.Lock] = {name: threading.Lock() for name in registry.names()}
+
+    def loaded(self, name: str) -> LoadedModel | None:
+        return self._loaded.get(name)
+
+    def get(self, name: str) -> LoadedModel:
+        """Blocking: call from a worker thread. Concurrent first uses wait for one load."""
+        self.registry.spec(name)  # NotFound for an unknown name, before any lock
+        if (model := self._loaded.get(name)) is not None:
+            return model
+        with self._locks[name]:
+            if (model := self._loaded.get(name)) is None:
+                started = time.monotonic()
+                model = self._loaded[name] = self.registry.load(name)
+                seconds = round(time.monotonic() - started, 3)
+                logger.info("model loaded", extra={"model": name, "digest": model.digest, "device": model.device,
+                                                   "dtype": model.dtype, "seconds": seconds})
+        return model
+
+
+def check_words(words: Sequence[str], settings: ExtractorSettings) -> list[str]:
+    """Words become cache keys and prompt text: reject what would be ambiguous or unprintable."""
+    words = list(words)
+    if not words:
+        raise InvalidArgument("no words given")
+    if len(words) > settings.max_words:
+        raise ResourceExhausted(f"{len(words)} words in one request; the limit is max_words={settings.max_words}")
+    seen: set[str] = set()
+    for i, word in enumerate(words):
+        if not word.strip():
+            raise InvalidArgument(f"word {i} is empty or blank")
+        if len(word) > settings.max_word_length:
+            raise InvalidArgument(f"word {i} ({word[:16]!r}...) has {len(word)} characters; "
+                                  f"the limit is max_word_length={settings.max_word_length}")
+        if any(unicodedata.category(c) == "Cc" for c in word):
+            raise InvalidArgument(f"word {i} ({word!r}) contains control characters")
+        if word in seen:
+            raise InvalidArgument(f"word {word!r} occurs more than once; each word is one row of the result")
+        seen.add(word)
+    return words
+
+
+def check_pooling(pooling: str) -> str:
+    pooling = pooling or DEFAULT_POOLING
+    if pooling not in POOLINGS:
+        raise InvalidArgument(f"unknown pooling {pooling!r}; expected one of {', '.join(POOLINGS)}")
+    return pooling
+
+
+def template_of(ref: epb.TemplateRef | None) -> PromptTemplate | None:
+    if ref is None:
+        return None
+    if not ref.dimension:
+        raise InvalidArgument("a template needs a dimension")
+    return default_template(ref.language or DEFAULT_LANGUAGE, ref.dimension)
+
+
+def renderer(template: PromptTemplate | None, tokenizer: object) -> Callable[[str], str] | None:
+    """The text the model reads for a word: the same chat-formatted prompt the ratings use."""
+    if template is None:
+        return None
+    return lambda word: chat_prompt(template.render(word), tokenizer)
+
+
+class ExtractorServicer(epb_grpc.ExtractorServicer):
+    def __init__(self, settings: ExtractorSettings) -> None:
+        self.settings = settings
+        store = ModelStore(settings.data_dir / "models")
+        self.models = Models(ModelRegistry.default(store, settings.models))
+        self.cache = VectorCache(settings.data_dir / "cache", settings.cache_max_vectors)
+        self._workers = asyncio.Semaphore(settings.workers)
+        self._waiting = 0
+
+    async def ready(self) -> None:
+        for name in self.settings.preload:
+            await asyncio.to_thread(self.models.get, name)
+
+    @asynccontextmanager
+    async def _slot(self) -> AsyncIterator[None]:
+        """A worker for the whole request; the request's own steps then run in threads."""
+        if self._workers.locked() and self._waiting >= self.settings.max_queued:
+            raise ResourceExhausted(f"the extractor is busy: {self._waiting} requests are queued "
+                                    f"(limit max_queued={self.settings.max_queued}); retry later")
+        self._waiting += 1
+        try:
+            await self._workers.acquire()
+        finally:
+            self._waiting -= 1
+        try:
+            yield
+        finally:
+            self._workers.release()
+
+    def _batch_size(self, requested: int) -> int:
+        # A batch size only trades memory for speed, never changes a result: cap it, don't refuse.
+        return min(requested or self.settings.max_batch_size, self.settings.max_batch_size)
+
+    def _model(self, name: str) -> Awaitable[LoadedModel]:
+        return asyncio.to_thread(self.models.get, name)
+
+    async def ListModels(self, request: epb.ListModelsRequest, context) -> epb.ListModelsResponse:
+        out = []
+        for name in self.models.registry.names():
+            info = epb.ModelInfo(name=name, kind=self.models.registry.spec(name).kind)
+            if (m := self.models.loaded(name)) is not None:
+                info.loaded = True
+                info.digest, info.n_layers, info.hidden_size = m.digest, m.n_layers, m.hidden_size
+                info.device, info.dtype = m.device, m.dtype
+            out.append(info)
+        return epb.ListModelsResponse(models=out)
+
+    async def Rate(self, request: epb.RateRequest, context) -> epb.RateResponse:
+        words = check_words(request.words, self.settings)
+        language = request.language or DEFAULT_LANGUAGE
+        dimensions = list(dict.fromkeys(d.strip().casefold() for d in request.dimensions))
+        if not dimensions:
+            builtin = available()
+            if language.strip().casefold() not in builtin:
+                raise NotFound(f"no built-in prompt templates for language {language!r}; "
+                               f"available: {', '.join(builtin)}")
+            dimensions = list(builtin[language.strip().casefold()])
+        templates = [default_template(language, d) for d in dimensions]  # NotFound for unknown ones
+        if request.max_new_tokens > self.settings.max_answer_tokens:
+            raise ResourceExhausted(f"max_new_tokens={request.max_new_tokens} is over the limit "
+                                    f"max_answer_tokens={self.settings.max_answer_tokens}")
+        self.models.registry.spec(request.model)
+        batch_size = self._batch_size(request.batch_size)
+        async with self._slot():
+            model = await self._model(request.model)
+            started = time.monotonic()
+            per_dimension = []
+            for template in templates:
+                prompt = renderer(template, model.tokenizer)
+                per_dimension.append(await asyncio.to_thread(
+                    rate, model.model, model.tokenizer, words, prompt, batch_size, request.max_new_tokens))
+        logger.info("rated", extra={"model": model.name, "words": len(words), "dimensions": len(templates),
+                                    "seconds": round(time.monotonic() - started, 3)})
+        ratings = []
+        for i, word in enumerate(words):
+            for template, r in zip(templates, per_dimension):
+                rating = epb.WordRating(word=word, dimension=template.dimension, expected=float(r.expected[i]),
+                                        mass=float(r.mass[i]), answer=r.answers[i],
+                                        prefix_reused=bool(r.prefix_reused[i]))
+                if r.parsed[i] is not None:
+                    rating.parsed = float(r.parsed[i])
+                ratings.append(rating)
+        return epb.RateResponse(
+            model=model.name, model_digest=model.digest, language=templates[0].language if templates else language,
+            ratings=ratings, templates=[epb.TemplateDigest(dimension=t.dimension, digest=t.digest) for t in templates])
+
+    def _rows_per_chunk(self, width: int) -> int:
+        """Rows that fit comfortably in one message: half the limit, words and framing included."""
+        per_row = width * 4 + self.settings.max_word_length * 4 + 16
+        return max(1, (self.settings.max_message_bytes // 2) // per_row)
+
+    async def Extract(self, request: epb.ExtractRequest, context) -> AsyncIterator[epb.ExtractChunk]:
+        words = check_words(request.words, self.settings)
+        pooling = check_pooling(request.pooling)
+        template = template_of(request.template if request.HasField("template") else None)
+        self.models.registry.spec(request.model)
+        batch_size = self._batch_size(request.batch_size)
+        async with self._slot():
+            model = await self._model(request.model)
+            layers = resolve_layers([*request.layers, *(float(d) for d in request.relative_depths)], model.n_layers)
+            digest = template.digest if template is not None else ""
+            spaces = {k: Space(model=model.digest, template=digest, pooling=pooling, layer=k) for k in layers}
+            render = renderer(template, model.tokenizer)
+            rows = min(batch_size, self._rows_per_chunk(model.hidden_size))
+            started, hits, misses = time.monotonic(), 0, 0
+
+            def batch(chunk: list[str]) -> tuple[dict[int, np.ndarray], dict[int, int]]:
+                """Vectors of ``chunk`` per layer, from the cache where possible, and the hits per layer."""
+                found = {k: self.cache.get_many(spaces[k], chunk) for k in layers}
+                missing = [w for w in chunk if any(w not in found[k][0] for k in layers)]
+                computed: dict[int, dict[str, np.ndarray]] = {k: {} for k in layers}
+                if missing:
+                    for first, by_layer in iter_activations(model.model, model.tokenizer, missing, layers, pooling,
+                                                            render, batch_size):
+                        names = missing[first:first + len(next(iter(by_layer.values())))]
+                        for k, vectors in by_layer.items():
+                            self.cache.put_many(spaces[k], names, vectors)
+                            computed[k].update(zip(names, vectors))
+                out = {k: np.stack([found[k][0].get(w, computed[k].get(w)) for w in chunk]).astype(np.float32)
+                       for k in layers}
+                return out, {k: len(found[k][0]) for k in layers}
+
+            try:
+                for first in range(0, len(words), rows):
+                    chunk = words[first:first + rows]
+                    vectors, from_cache = await asyncio.to_thread(batch, chunk)
+                    for k in layers:
+                        hits += from_cache[k]
+                        misses += len(chunk) - from_cache[k]
+                        yield epb.ExtractChunk(layer=k, first_word_index=first, words=chunk,
+                                               vectors=wire.matrix_to_proto(vectors[k], "float32"),
+                                               from_cache=from_cache[k], template_digest=digest,
+                                               model_digest=model.digest)
+            finally:
+                await asyncio.to_thread(self.cache.flush)
+                logger.info("extracted", extra={
+                    "model": model.name, "words": len(words), "layers": layers, "pooling": pooling,
+                    "template": digest, "cache_hits": hits, "cache_misses": misses,
+                    "seconds": round(time.monotonic() - started, 3)})
+
+    async def Nearest(self, request: epb.NearestRequest, context) -> epb.NearestResponse:
+        pooling = check_pooling(request.pooling)
+        template = template_of(request.template if request.HasField("template") else None)
+        query_kind = request.WhichOneof("query")
+        if query_kind is None:
+            raise InvalidArgument("give a word or a vector to search from")
+        model = await self._model(request.model)
+        (layer,) = resolve_layers([request.layer], model.n_layers)
+        space = Space(model=model.digest, template=template.digest if template is not None else "",
+                      pooling=pooling, layer=layer)
+        if query_kind == "word":
+            query: str | np.ndarray = request.word
+        else:
+            query = wire.matrix_from_proto(request.vector, "vector")
+            if query.shape[0] != 1:
+                raise InvalidArgument(f"the query vector must be one row, got {query.shape[0]}")
+        found = await asyncio.to_thread(self.cache.nearest, space, query, request.k or DEFAULT_K)
+        return epb.NearestResponse(neighbours=[epb.Neighbour(word=w, cosine=c) for w, c in found])
+
+
+def build(settings: ExtractorSettings) -> tuple[Callable[[grpc.aio.Server], list[str]], Callable[[], Awaitable[None]]]:
+    """The servicer's registration and its readiness step, sharing one servicer."""
+    servicer: list[ExtractorServicer] = []
+
+    def add(server: grpc.aio.Server) -> list[str]:
+        servicer.append(ExtractorServicer(settings))
+        epb_grpc.add_ExtractorServicer_to_server(servicer[0], server)
+        return [epb.DESCRIPTOR.services_by_name["Extractor"].full_name]
+
+    async def ready() -> None:
+        await servicer[0].ready()
+
+    return add, ready

@@ -1,0 +1,215 @@
+"""The extractor as it is deployed: ``python -m services.extractor`` on a loopback port.
+
+The model is the tiny random Llama built offline, so every number can be checked against the
+library computed in this process on the same weights; the embedded default model is never loaded.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import grpc
+import numpy as np
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from conftest import ServiceProcess, extractor_env
+from sensorium import wire
+from sensorium.activations import iter_activations, resolve_layers
+from sensorium.models.store import DEFAULT_MODEL, LoadedModel, ModelSpec, ModelStore, PathSource, load_model
+from sensorium.prompts import chat_prompt, default_template
+from sensorium.ratings import rate
+from sensorium.v1 import extractor_pb2 as epb
+from sensorium.v1 import extractor_pb2_grpc as epb_grpc
+
+WORDS = ["apple", "music", "kick", "justice", "thunderstorm", "Zebra-crossing", "hot", "smell"]
+DIMENSIONS = ["auditory", "hand_arm", "gustatory"]
+MAX_WORDS = 50
+
+
+@pytest.fixture(scope="module")
+def service(tmp_path_factory: pytest.TempPathFactory, tiny_model_path: Path) -> Iterator[ServiceProcess]:
+    svc = ServiceProcess("extractor", tmp_path_factory.mktemp("svc"),
+                         extractor_env(tiny_model_path, SENSORIUM_EXTRACTOR_MAX_WORDS=str(MAX_WORDS)))
+    yield svc
+    svc.stop()
+
+
+@pytest.fixture(scope="module")
+def stub(service: ServiceProcess) -> Iterator[epb_grpc.ExtractorStub]:
+    with grpc.insecure_channel(service.address) as channel:
+        yield epb_grpc.ExtractorStub(channel)
+
+
+@pytest.fixture(scope="module")
+def local(tiny_model_path: Path, tmp_path_factory: pytest.TempPathFactory) -> LoadedModel:
+    spec = ModelSpec(name="tiny", source=PathSource(path=tiny_model_path), device="cpu")
+    return load_model(spec, ModelStore(tmp_path_factory.mktemp("store")))
+
+
+def extract(stub: epb_grpc.ExtractorStub, words: list[str], **fields) -> tuple[dict[int, np.ndarray], int]:
+    """Reassemble the stream into one words x width matrix per layer, and count cache hits."""
+    parts: dict[int, dict[int, np.ndarray]] = {}
+    from_cache = 0
+    for chunk in stub.Extract(epb.ExtractRequest(model="tiny", words=words, **fields)):
+        assert list(chunk.words) == words[chunk.first_word_index:chunk.first_word_index + len(chunk.words)]
+        assert chunk.vectors.dtype == wire.cpb.DTYPE_FLOAT32
+        parts.setdefault(chunk.layer, {})[chunk.first_word_index] = wire.matrix_from_proto(chunk.vectors, "v")
+        from_cache += chunk.from_cache
+    return {k: np.vstack([p[i] for i in sorted(p)]) for k, p in parts.items()}, from_cache
+
+
+def reference(local: LoadedModel, words: list[str], layers: list[int], pooling: str,
+              template: str | None = None) -> dict[int, np.ndarray]:
+    render = None
+    if template is not None:
+        t = default_template("en", template)
+        render = lambda w: chat_prompt(t.render(w), local.tokenizer)  # noqa: E731
+    out: dict[int, list[np.ndarray]] = {k: [] for k in layers}
+    for _, by_layer in iter_activations(local.model, local.tokenizer, words, layers, pooling, render, batch_size=3):
+        for k, v in by_layer.items():
+            out[k].append(v)
+    return {k: np.vstack(v) for k, v in out.items()}
+
+
+def test_health_and_readiness(service: ServiceProcess) -> None:
+    with grpc.insecure_channel(service.address) as ch:
+        health = health_pb2_grpc.HealthStub(ch)
+        for name in ("", "sensorium.v1.Extractor"):
+            assert health.Check(health_pb2.HealthCheckRequest(service=name)).status == \
+                health_pb2.HealthCheckResponse.SERVING
+
+
+def test_list_models(stub: epb_grpc.ExtractorStub, local: LoadedModel) -> None:
+    models = {m.name: m for m in stub.ListModels(epb.ListModelsRequest()).models}
+    assert set(models) == {"tiny", DEFAULT_MODEL}
+    tiny = models["tiny"]
+    assert tiny.loaded and tiny.kind == "causal-lm" and tiny.digest == local.digest
+    assert (tiny.n_layers, tiny.hidden_size, tiny.device) == (local.n_layers, local.hidden_size, "cpu")
+    assert not models[DEFAULT_MODEL].loaded  # preload names only the tiny model
+
+
+def test_rate_equals_in_process(stub: epb_grpc.ExtractorStub, local: LoadedModel) -> None:
+    reply = stub.Rate(epb.RateRequest(model="tiny", words=WORDS, dimensions=DIMENSIONS, max_new_tokens=4,
+                                      batch_size=8))
+    assert reply.model_digest == local.digest
+    assert [(t.dimension, t.digest) for t in reply.templates] == \
+        [(d, default_template("en", d).digest) for d in DIMENSIONS]
+    assert [(r.word, r.dimension) for r in reply.ratings] == [(w, d) for w in WORDS for d in DIMENSIONS]
+    got = {(r.word, r.dimension): r for r in reply.ratings}
+    for d in DIMENSIONS:
+        t = default_template("en", d)
+        want = rate(local.model, local.tokenizer, WORDS, lambda w: chat_prompt(t.render(w), local.tokenizer),
+                    batch_size=8, max_new_tokens=4)
+        for i, w in enumerate(WORDS):
+            r = got[(w, d)]
+            assert r.expected == pytest.approx(want.expected[i], abs=1e-5)
+            assert r.mass == pytest.approx(want.mass[i], abs=1e-5)
+            assert r.answer == want.answers[i]
+            assert (r.parsed if r.HasField("parsed") else None) == want.parsed[i]
+            assert r.prefix_reused == bool(want.prefix_reused[i])
+
+
+def test_extract_equals_in_process_then_hits_cache(stub: epb_grpc.ExtractorStub, local: LoadedModel) -> None:
+    fields = dict(layers=[0, -1], relative_depths=[0.5], pooling="word-mean", batch_size=3)
+    layers = resolve_layers([0, -1, 0.5], local.n_layers)
+    got, from_cache = extract(stub, WORDS, **fields)
+    assert sorted(got) == sorted(layers) and from_cache == 0
+    want = reference(local, WORDS, layers, "word-mean")
+    for k in layers:
+        assert got[k].shape == (len(WORDS), local.hidden_size)
+        np.testing.assert_allclose(got[k], want[k], atol=1e-5)
+    again, from_cache = extract(stub, WORDS, **fields)
+    assert from_cache == len(WORDS) * len(layers)
+    for k in layers:
+        np.testing.assert_array_equal(again[k], got[k])
+    # A partly cached request computes only the new words, and a template is a separate space.
+    _, from_cache = extract(stub, WORDS + ["bread"], **fields)
+    assert from_cache == len(WORDS) * len(layers)
+    templated, from_cache = extract(stub, WORDS[:3], layers=[1], template=epb.TemplateRef(dimension="visual"))
+    assert from_cache == 0
+    np.testing.assert_allclose(templated[1], reference(local, WORDS[:3], [1], "last", "visual")[1], atol=1e-5)
+
+
+def test_nearest_returns_the_word_first(stub: epb_grpc.ExtractorStub) -> None:
+    extract(stub, WORDS, layers=[2])
+    reply = stub.Nearest(epb.NearestRequest(model="tiny", layer=-1, word="music", k=3))
+    assert [n.word for n in reply.neighbours][0] == "music" and len(reply.neighbours) == 3
+    assert reply.neighbours[0].cosine == pytest.approx(1.0, abs=1e-5)
+    vectors, _ = extract(stub, ["kick"], layers=[2])
+    by_vector = stub.Nearest(epb.NearestRequest(model="tiny", layer=2, vector=wire.matrix_to_proto(vectors[2]), k=1))
+    assert by_vector.neighbours[0].word == "kick"
+
+
+BAD = [
+    ("unknown model", "Rate", epb.RateRequest(model="nope", words=["a"]), grpc.StatusCode.NOT_FOUND),
+    ("unknown dimension", "Rate", epb.RateRequest(model="tiny", words=["a"], dimensions=["smellish"]),
+     grpc.StatusCode.NOT_FOUND),
+    ("unknown language", "Rate", epb.RateRequest(model="tiny", words=["a"], language="xx"), grpc.StatusCode.NOT_FOUND),
+    ("unknown template", "Extract", epb.ExtractRequest(model="tiny", words=["a"], template=epb.TemplateRef(
+        dimension="hand_arm", language="nl")), grpc.StatusCode.NOT_FOUND),
+    ("no words", "Extract", epb.ExtractRequest(model="tiny"), grpc.StatusCode.INVALID_ARGUMENT),
+    ("duplicate words", "Rate", epb.RateRequest(model="tiny", words=["a", "b", "a"]), grpc.StatusCode.INVALID_ARGUMENT),
+    ("control character", "Extract", epb.ExtractRequest(model="tiny", words=["a\x07b"]),
+     grpc.StatusCode.INVALID_ARGUMENT),
+    ("too long", "Extract", epb.ExtractRequest(model="tiny", words=["x" * 65]), grpc.StatusCode.INVALID_ARGUMENT),
+    ("bad pooling", "Extract", epb.ExtractRequest(model="tiny", words=["a"], pooling="max"),
+     grpc.StatusCode.INVALID_ARGUMENT),
+    ("layer out of range", "Extract", epb.ExtractRequest(model="tiny", words=["a"], layers=[3]),
+     grpc.StatusCode.INVALID_ARGUMENT),
+    ("depth out of range", "Extract", epb.ExtractRequest(model="tiny", words=["a"], relative_depths=[1.5]),
+     grpc.StatusCode.INVALID_ARGUMENT),
+    ("too many words", "Rate", epb.RateRequest(model="tiny", words=[f"w{i}" for i in range(MAX_WORDS + 1)]),
+     grpc.StatusCode.RESOURCE_EXHAUSTED),
+    ("uncached word", "Nearest", epb.NearestRequest(model="tiny", layer=1, word="never-seen"),
+     grpc.StatusCode.NOT_FOUND),
+]
+
+
+@pytest.mark.parametrize(("method", "request_", "code"), [b[1:] for b in BAD], ids=[b[0] for b in BAD])
+def test_bad_requests_are_refused_and_service_keeps_serving(stub: epb_grpc.ExtractorStub, method: str,
+                                                            request_, code: grpc.StatusCode) -> None:
+    with pytest.raises(grpc.RpcError) as info:
+        reply = getattr(stub, method)(request_)
+        if method == "Extract":
+            list(reply)
+    assert info.value.code() == code
+    assert info.value.details() and "internal error" not in info.value.details()
+    assert stub.Rate(epb.RateRequest(model="tiny", words=["apple"], dimensions=["visual"])).ratings
+
+
+def test_cache_survives_restart_and_corruption(service: ServiceProcess, tiny_model_path: Path,
+                                               local: LoadedModel) -> None:
+    """Runs last: it stops the module's service and restarts it on the same data directory."""
+    words = ["salt", "sugar", "bell"]
+    with grpc.insecure_channel(service.address) as ch:
+        first, from_cache = extract(epb_grpc.ExtractorStub(ch), words, layers=[1])
+    assert from_cache == 0
+    assert service.stop() == 0
+    tmp = service.log.parent
+    cache = tmp / "extractor" / "cache"
+
+    restarted = ServiceProcess("extractor", tmp, extractor_env(tiny_model_path))
+    try:
+        with grpc.insecure_channel(restarted.address) as ch:
+            again, from_cache = extract(epb_grpc.ExtractorStub(ch), words, layers=[1])
+    finally:
+        assert restarted.stop() == 0
+    assert from_cache == len(words)
+    np.testing.assert_array_equal(again[1], first[1])
+
+    damaged = sorted(cache.glob("*.faiss"))
+    assert damaged
+    for path in damaged:
+        path.write_bytes(b"not an index")
+    recovered = ServiceProcess("extractor", tmp, extractor_env(tiny_model_path))
+    try:
+        with grpc.insecure_channel(recovered.address) as ch:
+            fresh, from_cache = extract(epb_grpc.ExtractorStub(ch), words, layers=[1])
+    finally:
+        recovered.stop()
+    assert from_cache == 0
+    np.testing.assert_allclose(fresh[1], reference(local, words, [1], "last")[1], atol=1e-5)
+    aside = [p for p in cache.parent.iterdir() if p.name.startswith("cache.corrupt-")]
+    assert len(aside) == 1 and {p.name for p in aside[0].glob("*.faiss")} == {p.name for p in damaged}
