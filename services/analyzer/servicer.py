@@ -13,13 +13,13 @@ from typing import TypeVar
 import grpc
 
 from sensorium import stats, wire
-from sensorium.errors import ResourceExhausted
 from sensorium.representations import Representations
 from sensorium.rsa import run_rsa
 from sensorium.tables import TableStore
 from sensorium.v1 import analyzer_pb2 as apb
 from sensorium.v1 import analyzer_pb2_grpc as apb_grpc
 from services.analyzer.settings import AnalyzerSettings
+from services.common.workers import WorkSlots
 
 T = TypeVar("T")
 
@@ -29,22 +29,11 @@ class AnalyzerServicer(apb_grpc.AnalyzerServicer):
         self.settings = settings
         self.limits = settings.limits()
         self.tables = TableStore(settings.data_dir / "tables", settings.max_table_bytes)
-        self._workers = asyncio.Semaphore(settings.workers)
-        self._waiting = 0
+        self.slots = WorkSlots("analyzer", settings.workers, settings.max_queued)
 
     async def _compute(self, fn: Callable[[], T]) -> T:
-        if self._workers.locked() and self._waiting >= self.settings.max_queued:
-            raise ResourceExhausted(f"the analyzer is busy: {self._waiting} analyses are queued "
-                                    f"(limit max_queued={self.settings.max_queued}); retry later")
-        self._waiting += 1
-        try:
-            await self._workers.acquire()
-        finally:
-            self._waiting -= 1
-        try:
+        async with self.slots.slot():
             return await asyncio.to_thread(fn)
-        finally:
-            self._workers.release()
 
     def _data(self, msg: apb.Representations) -> Representations:
         return wire.representations_from_proto(msg, self.tables.get)

@@ -14,7 +14,6 @@ import threading
 import time
 import unicodedata
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
-from contextlib import asynccontextmanager
 from typing import TypeVar
 
 import grpc
@@ -30,6 +29,7 @@ from sensorium.prompts.template import PromptTemplate
 from sensorium.ratings import rate
 from sensorium.v1 import extractor_pb2 as epb
 from sensorium.v1 import extractor_pb2_grpc as epb_grpc
+from services.common.workers import WorkSlots
 from services.extractor.settings import ExtractorSettings
 
 logger = logging.getLogger(__name__)
@@ -116,28 +116,11 @@ class ExtractorServicer(epb_grpc.ExtractorServicer):
         store = ModelStore(settings.data_dir / "models")
         self.models = Models(ModelRegistry.default(store, settings.models))
         self.cache = VectorCache(settings.data_dir / "cache", settings.cache_max_vectors)
-        self._workers = asyncio.Semaphore(settings.workers)
-        self._waiting = 0
+        self.slots = WorkSlots("extractor", settings.workers, settings.max_queued)
 
     async def ready(self) -> None:
         for name in self.settings.preload:
             await asyncio.to_thread(self.models.get, name)
-
-    @asynccontextmanager
-    async def _slot(self) -> AsyncIterator[None]:
-        """A worker for the whole request; the request's own steps then run in threads."""
-        if self._workers.locked() and self._waiting >= self.settings.max_queued:
-            raise ResourceExhausted(f"the extractor is busy: {self._waiting} requests are queued "
-                                    f"(limit max_queued={self.settings.max_queued}); retry later")
-        self._waiting += 1
-        try:
-            await self._workers.acquire()
-        finally:
-            self._waiting -= 1
-        try:
-            yield
-        finally:
-            self._workers.release()
 
     def _batch_size(self, requested: int) -> int:
         # A batch size only trades memory for speed, never changes a result: cap it, don't refuse.
@@ -173,7 +156,7 @@ class ExtractorServicer(epb_grpc.ExtractorServicer):
                                     f"max_answer_tokens={self.settings.max_answer_tokens}")
         self.models.registry.spec(request.model)
         batch_size = self._batch_size(request.batch_size)
-        async with self._slot():
+        async with self.slots.slot():
             model = await self._model(request.model)
             started = time.monotonic()
             per_dimension = []
@@ -207,7 +190,7 @@ class ExtractorServicer(epb_grpc.ExtractorServicer):
         template = template_of(request.template if request.HasField("template") else None)
         self.models.registry.spec(request.model)
         batch_size = self._batch_size(request.batch_size)
-        async with self._slot():
+        async with self.slots.slot():
             model = await self._model(request.model)
             layers = resolve_layers([*request.layers, *(float(d) for d in request.relative_depths)], model.n_layers)
             digest = template.digest if template is not None else ""
