@@ -6,9 +6,11 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 
 import grpc
+import numpy as np
 
 from sensorium import wire
 from sensorium.representations import Representations
@@ -114,3 +116,73 @@ class AnalyzerClient(_Base):
 
     def delete_table(self, name: str) -> None:
         self._call(self.stub.DeleteTable, apb.DeleteTableRequest(name=name))
+
+
+@dataclass(frozen=True)
+class Activations:
+    """What ``ExtractorClient.extract`` assembles from the streamed chunks."""
+
+    words: list[str]
+    layers: dict[int, np.ndarray]  # layer -> words x hidden_size, float32, in the request's word order
+    from_cache: int  # (word, layer) vectors served from the service's cache
+    model_digest: str
+    template_digest: str
+
+
+class ExtractorClient(_Base):
+    """Model ratings and layer activations from a running extractor."""
+
+    def __init__(self, address: str | grpc.Channel, token: str | None = None, timeout: float | None = 3600.0,
+                 **channel_options) -> None:
+        super().__init__(address, token, timeout, **channel_options)
+        from sensorium.v1 import extractor_pb2_grpc as epb_grpc
+
+        self.stub = epb_grpc.ExtractorStub(self.channel)
+
+    def list_models(self):
+        from sensorium.v1 import extractor_pb2 as epb
+
+        return list(self.stub.ListModels(epb.ListModelsRequest(), metadata=self.metadata, timeout=self.timeout).models)
+
+    def rate(self, model: str, words: list[str], dimensions: list[str] | None = None, language: str = "en",
+             max_new_tokens: int = 0, batch_size: int = 0):
+        """The service's RateResponse: per (word, dimension) expected rating, mass, answer, parsed."""
+        from sensorium.v1 import extractor_pb2 as epb
+
+        request = epb.RateRequest(model=model, words=words, dimensions=dimensions or [], language=language,
+                                  max_new_tokens=max_new_tokens, batch_size=batch_size)
+        return self.stub.Rate(request, metadata=self.metadata, timeout=self.timeout)
+
+    def extract(self, model: str, words: list[str], layers: list[int] | None = None,
+                relative_depths: list[float] | None = None, pooling: str = "last",
+                template: tuple[str, str] | None = None, batch_size: int = 0) -> Activations:
+        """Pooled hidden states, streamed by the service in chunks and put back together here."""
+        from sensorium.v1 import extractor_pb2 as epb
+
+        request = epb.ExtractRequest(model=model, words=words, layers=layers or [],
+                                     relative_depths=relative_depths or [], pooling=pooling, batch_size=batch_size)
+        if template is not None:
+            request.template.CopyFrom(epb.TemplateRef(language=template[0], dimension=template[1]))
+        parts: dict[int, dict[int, np.ndarray]] = {}
+        cached, model_digest, template_digest = 0, "", ""
+        for chunk in self.stub.Extract(request, metadata=self.metadata, timeout=self.timeout):
+            parts.setdefault(chunk.layer, {})[chunk.first_word_index] = \
+                wire.matrix_from_proto(chunk.vectors, "vectors").astype(np.float32)
+            cached += chunk.from_cache
+            model_digest, template_digest = chunk.model_digest, chunk.template_digest
+        layers_out = {layer: np.concatenate([p[k] for k in sorted(p)]) for layer, p in sorted(parts.items())}
+        return Activations(list(words), layers_out, cached, model_digest, template_digest)
+
+    def nearest(self, model: str, layer: int, query: str | np.ndarray, k: int = 10, pooling: str = "last",
+                template: tuple[str, str] | None = None) -> list[tuple[str, float]]:
+        from sensorium.v1 import extractor_pb2 as epb
+
+        request = epb.NearestRequest(model=model, layer=layer, pooling=pooling, k=k)
+        if isinstance(query, str):
+            request.word = query
+        else:
+            request.vector.CopyFrom(wire.matrix_to_proto(np.asarray(query).reshape(1, -1), "float32"))
+        if template is not None:
+            request.template.CopyFrom(epb.TemplateRef(language=template[0], dimension=template[1]))
+        reply = self.stub.Nearest(request, metadata=self.metadata, timeout=self.timeout)
+        return [(n.word, n.cosine) for n in reply.neighbours]
