@@ -114,6 +114,7 @@ def rate(model: Any, tokenizer: Any, words: Sequence[str], prompt: Callable[[str
     answers = [""] * len(words)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     eos = tokenizer.eos_token_id
+    body, lm_head = model.base_model, model.get_output_embeddings()
 
     cache = None
     if reusable.any():
@@ -137,9 +138,10 @@ def rate(model: Any, tokenizer: Any, words: Sequence[str], prompt: Callable[[str
         positions = torch.arange(start, start + length).expand(n, -1)
         lengths = torch.tensor([start + len(seq) for seq in seqs])  # real tokens so far, per row
         with torch.inference_mode():
-            out = model(input_ids=ids.to(device), attention_mask=mask.to(device), position_ids=positions.to(device),
-                        past_key_values=past, use_cache=max_new_tokens > 0 or bool(start))
-            logits = out.logits[torch.arange(n), (lengths - start - 1).to(device)]
+            # the vocabulary projection only where an answer is read: the last real token of a row
+            out = body(input_ids=ids.to(device), attention_mask=mask.to(device), position_ids=positions.to(device),
+                       past_key_values=past, use_cache=max_new_tokens > 0 or bool(start))
+            logits = lm_head(out.last_hidden_state[torch.arange(n), (lengths - start - 1).to(device)])
             e, m = _answer_distribution(logits, answer_ids)
             expected[rows], mass[rows] = e, m
             generated: list[list[int]] = [[] for _ in rows]
@@ -156,10 +158,10 @@ def rate(model: Any, tokenizer: Any, words: Sequence[str], prompt: Callable[[str
                 # the new token goes after each row's padding: masks keep the padding out of
                 # attention, positions continue each row's own count
                 mask = torch.cat([mask, torch.ones((n, 1), dtype=torch.long)], dim=1)
-                out = model(input_ids=token[:, None].to(device), attention_mask=mask.to(device),
-                            position_ids=lengths[:, None].to(device), past_key_values=past, use_cache=True)
+                out = body(input_ids=token[:, None].to(device), attention_mask=mask.to(device),
+                           position_ids=lengths[:, None].to(device), past_key_values=past, use_cache=True)
                 lengths += 1
-                past, logits = out.past_key_values, out.logits[:, -1]
+                past, logits = out.past_key_values, lm_head(out.last_hidden_state[:, -1])
         for i, r in enumerate(rows):
             answers[r] = tokenizer.decode([t for t in generated[i] if t != eos], skip_special_tokens=True)
 
