@@ -179,6 +179,24 @@ def test_bad_requests_are_refused_and_service_keeps_serving(stub: epb_grpc.Extra
     assert stub.Rate(epb.RateRequest(model="tiny", words=["apple"], dimensions=["visual"])).ratings
 
 
+def test_typed_client(service: ServiceProcess, local: LoadedModel) -> None:
+    from sensorium.client import ExtractorClient
+
+    words = ["pepper", "violin", "moss"]
+    with ExtractorClient(service.address) as client:
+        assert "tiny" in {m.name for m in client.list_models()}
+        got = client.extract("tiny", words, layers=[1, -1], pooling="mean")
+        want = reference(local, words, [1, local.n_layers], "mean")
+        assert sorted(got.layers) == [1, local.n_layers] and got.model_digest == local.digest
+        for layer, matrix in got.layers.items():
+            np.testing.assert_allclose(matrix, want[layer], atol=1e-5)
+        again = client.extract("tiny", words, layers=[1, -1], pooling="mean")
+        assert again.from_cache == 2 * len(words)
+        assert client.nearest("tiny", 1, "violin", k=2, pooling="mean")[0][0] == "violin"
+        rated = client.rate("tiny", words, ["visual"], max_new_tokens=0)
+        assert [r.word for r in rated.ratings] == words and all(0 <= r.expected <= 5 for r in rated.ratings)
+
+
 def test_cache_survives_restart_and_corruption(service: ServiceProcess, tiny_model_path: Path,
                                                local: LoadedModel) -> None:
     """Runs last: it stops the module's service and restarts it on the same data directory."""
@@ -213,21 +231,3 @@ def test_cache_survives_restart_and_corruption(service: ServiceProcess, tiny_mod
     np.testing.assert_allclose(fresh[1], reference(local, words, [1], "last")[1], atol=1e-5)
     aside = [p for p in cache.parent.iterdir() if p.name.startswith("cache.corrupt-")]
     assert len(aside) == 1 and {p.name for p in aside[0].glob("*.faiss")} == {p.name for p in damaged}
-
-
-def test_typed_client(service: ServiceProcess, local: LoadedModel) -> None:
-    from sensorium.client import ExtractorClient
-
-    words = ["pepper", "violin", "moss"]
-    with ExtractorClient(service.address) as client:
-        assert "tiny" in {m.name for m in client.list_models()}
-        got = client.extract("tiny", words, layers=[1, -1], pooling="mean")
-        want = reference(local, words, [1, local.n_layers], "mean")
-        assert sorted(got.layers) == [1, local.n_layers] and got.model_digest == local.digest
-        for layer, matrix in got.layers.items():
-            np.testing.assert_allclose(matrix, want[layer], atol=1e-5)
-        again = client.extract("tiny", words, layers=[1, -1], pooling="mean")
-        assert again.from_cache == 2 * len(words)
-        assert client.nearest("tiny", 1, "violin", k=2, pooling="mean")[0][0] == "violin"
-        rated = client.rate("tiny", words, ["visual"], max_new_tokens=0)
-        assert [r.word for r in rated.ratings] == words and all(0 <= r.expected <= 5 for r in rated.ratings)
