@@ -17,8 +17,8 @@ from scipy import stats as sps
 
 from sensorium.errors import InvalidArgument
 from sensorium.representations import MIN_WORDS, Limits, Representations, check_limit
-from sensorium.rsa.analysis import Interval
-from sensorium.rsa.inference import percentile_interval, resample_indices
+from sensorium.rsa.analysis import Interval, bootstrap_interval
+from sensorium.rsa.inference import resample_indices
 
 
 def steiger_z(r_a: float, r_b: float, r_ab: float, n: int) -> tuple[float, float]:
@@ -115,8 +115,8 @@ def compare_dimensions(reps: Representations, comparisons: list[tuple[str, str]]
                     warnings.simplefilter("ignore", sps.ConstantInputWarning)
                     rs = np.array([_spearman(m[b], h[b]) for b in idx])
                     rp = np.array([_pearson(m[b], h[b]) for b in idx])
-                row.spearman_ci = Interval(**dict(zip(("low", "high"), percentile_interval(rs, confidence))))
-                row.pearson_ci = Interval(**dict(zip(("low", "high"), percentile_interval(rp, confidence))))
+                row.spearman_ci = bootstrap_interval(rs, confidence)
+                row.pearson_ci = bootstrap_interval(rp, confidence)
             correlations.append(row)
     tests: list[SteigerTest] = []
     for a, b in comparisons or []:

@@ -56,6 +56,11 @@ class Interval(BaseModel):
     high: float
 
 
+def bootstrap_interval(samples: np.ndarray, confidence: float) -> Interval:
+    low, high = percentile_interval(samples, confidence)
+    return Interval(low=low, high=high)
+
+
 class NoiseCeiling(BaseModel):
     lower: float
     upper: float
@@ -128,10 +133,8 @@ class _Group:
     def __init__(self, reps: Representations, rows: np.ndarray, cols: list[int], options: RsaOptions) -> None:
         self.reps, self.rows, self.cols, self.options = reps, rows, cols, options
         self.keep = bool(options.n_bootstrap or options.n_permutations)
-        names = [reps.feature_names[c] for c in cols]
         self.human = _select(reps.human, rows, cols)
-        self._ref: tuple[np.ndarray, np.ndarray] | None = representation_rdm(
-            self.human, options.distance, options.zscore, names)
+        self._ref: tuple[np.ndarray, np.ndarray] | None = None
         self._ref_ranks: np.ndarray | None = None
         self.model_rdms: dict[str, tuple[np.ndarray, np.ndarray]] = {}
         self.values: dict[str, float] = {}
@@ -140,7 +143,7 @@ class _Group:
 
     @property
     def ref(self) -> tuple[np.ndarray, np.ndarray]:
-        if self._ref is None:  # dropped to save memory; recomputed only if asked for again
+        if self._ref is None:  # computed on first use; dropped to save memory when only ranks are needed
             names = [self.reps.feature_names[c] for c in self.cols]
             self._ref = representation_rdm(self.human, self.options.distance, self.options.zscore, names)
         return self._ref
@@ -262,8 +265,7 @@ def run_rsa(reps: Representations, dimension_sets: list[DimensionSet] | None = N
             result = RsaResult(model=model, dimension_set=s.name, rsa=value, n_words=int(g.rows.sum()),
                                n_dropped=len(reps.words) - int(g.rows.sum()), features=names)
             if options.n_bootstrap:
-                low, high = percentile_interval(g.samples[model], options.confidence)
-                result.ci = Interval(low=low, high=high)
+                result.ci = bootstrap_interval(g.samples[model], options.confidence)
             if options.n_permutations:
                 result.p_value = permutation_test(g.ref[0], g.rdm(model)[0], result.n_words, value,
                                                   options.comparison, options.n_permutations, options.seed)
@@ -272,10 +274,9 @@ def run_rsa(reps: Representations, dimension_sets: list[DimensionSet] | None = N
             results.append(result)
         for (a, b), g in pair_groups.items():
             diff = g.samples[a] - g.samples[b]
-            low, high = percentile_interval(diff, options.confidence)
             rsa_a, rsa_b = g.rsa(a), g.rsa(b)
             differences.append(RsaDifference(model_a=a, model_b=b, dimension_set=s.name, difference=rsa_a - rsa_b,
-                                             ci=Interval(low=low, high=high), n_words=int(g.rows.sum()),
+                                             ci=bootstrap_interval(diff, options.confidence), n_words=int(g.rows.sum()),
                                              rsa_a=rsa_a, rsa_b=rsa_b))
     return RsaReport(results=results, differences=differences, method=describe(options),
                      n_bootstrap=options.n_bootstrap, seed=options.seed, n_permutations=options.n_permutations)
