@@ -10,7 +10,7 @@ from services.common.interceptors import (
 )
 from services.common.logging import configure_logging, current_request_id, request_id_var
 from services.common.server import RunningServer, build_server, run, serve, start_server
-from services.common.settings import ServiceSettings, load_settings, settings_env_table
+from services.common.settings import ServiceSettings, load_settings, settings_env_table, settings_from_command_line
 
 __all__ = [
     "AuthInterceptor",
@@ -27,6 +27,7 @@ __all__ = [
     "run",
     "serve",
     "settings_env_table",
+    "settings_from_command_line",
     "start_server",
     "status_for",
     "wrap_handler",

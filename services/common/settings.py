@@ -108,3 +108,17 @@ def settings_env_table(cls: type[ServiceSettings]) -> list[tuple[str, str, str]]
         (f"{prefix}{name}".upper(), repr(field.get_default(call_default_factory=True)), field.description or "")
         for name, field in cls.model_fields.items()
     ]
+
+
+def settings_from_command_line(cls: type[S], service: str, argv: list[str] | None = None,
+                               description: str | None = None) -> S:
+    """``python -m services.<service> [--config FILE] [--port N]``: the flags every service takes."""
+    import argparse
+
+    prefix = cls.model_config.get("env_prefix", "")
+    parser = argparse.ArgumentParser(prog=f"python -m services.{service}", description=description)
+    parser.add_argument("--config", help=f"YAML settings file (also {prefix}CONFIG)")
+    parser.add_argument("--port", type=int, help=f"gRPC port (also {prefix}PORT)")
+    args = parser.parse_args(argv)
+    overrides = {"port": args.port} if args.port is not None else {}
+    return load_settings(cls, args.config, **overrides)

@@ -1,21 +1,14 @@
-"""``python -m services.extractor [--config FILE]``: serve the extractor until SIGTERM."""
+"""``python -m services.extractor [--config FILE] [--port N]``: serve the extractor until SIGTERM."""
 
 from __future__ import annotations
 
-import argparse
-
-from services.common import load_settings, run, serve
+from services.common import run, serve, settings_from_command_line
 from services.extractor.servicer import build
 from services.extractor.settings import ExtractorSettings
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m services.extractor", description=__doc__)
-    parser.add_argument("--config", help="YAML settings file (also SENSORIUM_EXTRACTOR_CONFIG)")
-    parser.add_argument("--port", type=int, help="gRPC port (also SENSORIUM_EXTRACTOR_PORT)")
-    args = parser.parse_args(argv)
-    overrides = {"port": args.port} if args.port is not None else {}
-    settings = load_settings(ExtractorSettings, args.config, **overrides)
+    settings = settings_from_command_line(ExtractorSettings, "extractor", argv, __doc__)
     add_servicers, ready = build(settings)
     run(serve(settings, "sensorium.v1.Extractor", add_servicers, ready=ready))
 
