@@ -127,6 +127,7 @@ class Activations:
     from_cache: int  # (word, layer) vectors served from the service's cache
     model_digest: str
     template_digest: str
+    adapter_digest: str = ""  # "" for the base model
 
 
 class ExtractorClient(_Base):
@@ -145,39 +146,41 @@ class ExtractorClient(_Base):
         return list(self.stub.ListModels(epb.ListModelsRequest(), metadata=self.metadata, timeout=self.timeout).models)
 
     def rate(self, model: str, words: list[str], dimensions: list[str] | None = None, language: str = "en",
-             max_new_tokens: int = 0, batch_size: int = 0):
+             max_new_tokens: int = 0, batch_size: int = 0, adapter: str = ""):
         """The service's RateResponse: per (word, dimension) expected rating, mass, answer, parsed."""
         from sensorium.v1 import extractor_pb2 as epb
 
         request = epb.RateRequest(model=model, words=words, dimensions=dimensions or [], language=language,
-                                  max_new_tokens=max_new_tokens, batch_size=batch_size)
+                                  max_new_tokens=max_new_tokens, batch_size=batch_size, adapter=adapter)
         return self.stub.Rate(request, metadata=self.metadata, timeout=self.timeout)
 
     def extract(self, model: str, words: list[str], layers: list[int] | None = None,
                 relative_depths: list[float] | None = None, pooling: str = "last",
-                template: tuple[str, str] | None = None, batch_size: int = 0) -> Activations:
+                template: tuple[str, str] | None = None, batch_size: int = 0, adapter: str = "") -> Activations:
         """Pooled hidden states, streamed by the service in chunks and put back together here."""
         from sensorium.v1 import extractor_pb2 as epb
 
         request = epb.ExtractRequest(model=model, words=words, layers=layers or [],
-                                     relative_depths=relative_depths or [], pooling=pooling, batch_size=batch_size)
+                                     relative_depths=relative_depths or [], pooling=pooling, batch_size=batch_size,
+                                     adapter=adapter)
         if template is not None:
             request.template.CopyFrom(epb.TemplateRef(language=template[0], dimension=template[1]))
         parts: dict[int, dict[int, np.ndarray]] = {}
-        cached, model_digest, template_digest = 0, "", ""
+        cached, model_digest, template_digest, adapter_digest = 0, "", "", ""
         for chunk in self.stub.Extract(request, metadata=self.metadata, timeout=self.timeout):
             parts.setdefault(chunk.layer, {})[chunk.first_word_index] = \
                 wire.matrix_from_proto(chunk.vectors, "vectors").astype(np.float32)
             cached += chunk.from_cache
-            model_digest, template_digest = chunk.model_digest, chunk.template_digest
+            model_digest, template_digest, adapter_digest = chunk.model_digest, chunk.template_digest, \
+                chunk.adapter_digest
         layers_out = {layer: np.concatenate([p[k] for k in sorted(p)]) for layer, p in sorted(parts.items())}
-        return Activations(list(words), layers_out, cached, model_digest, template_digest)
+        return Activations(list(words), layers_out, cached, model_digest, template_digest, adapter_digest)
 
     def nearest(self, model: str, layer: int, query: str | np.ndarray, k: int = 10, pooling: str = "last",
-                template: tuple[str, str] | None = None) -> list[tuple[str, float]]:
+                template: tuple[str, str] | None = None, adapter: str = "") -> list[tuple[str, float]]:
         from sensorium.v1 import extractor_pb2 as epb
 
-        request = epb.NearestRequest(model=model, layer=layer, pooling=pooling, k=k)
+        request = epb.NearestRequest(model=model, layer=layer, pooling=pooling, k=k, adapter=adapter)
         if isinstance(query, str):
             request.word = query
         else:
@@ -186,3 +189,22 @@ class ExtractorClient(_Base):
             request.template.CopyFrom(epb.TemplateRef(language=template[0], dimension=template[1]))
         reply = self.stub.Nearest(request, metadata=self.metadata, timeout=self.timeout)
         return [(n.word, n.cosine) for n in reply.neighbours]
+
+    def list_adapters(self, model: str = ""):
+        """AdapterInfo of every adapter in the store (those trained on ``model`` when given)."""
+        from sensorium.v1 import extractor_pb2 as epb
+
+        request = epb.ListAdaptersRequest(model=model)
+        return list(self.stub.ListAdapters(request, metadata=self.metadata, timeout=self.timeout).adapters)
+
+    def load_adapter(self, model: str, adapter: str):
+        from sensorium.v1 import extractor_pb2 as epb
+
+        request = epb.AdapterRequest(model=model, adapter=adapter)
+        return self.stub.LoadAdapter(request, metadata=self.metadata, timeout=self.timeout)
+
+    def unload_adapter(self, model: str, adapter: str):
+        from sensorium.v1 import extractor_pb2 as epb
+
+        request = epb.AdapterRequest(model=model, adapter=adapter)
+        return self.stub.UnloadAdapter(request, metadata=self.metadata, timeout=self.timeout)

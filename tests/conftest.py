@@ -100,12 +100,14 @@ def pytest_terminal_summary(terminalreporter) -> None:
 
 # ---- the extractor over a tiny offline model ------------------------------------------------
 def extractor_env(model_path: Path, **extra: str) -> dict[str, str]:
-    """Environment that offers the tiny model as "tiny" and loads it before readiness."""
+    """Environment that offers the tiny model as "tiny", loads it before readiness, and reads the
+    adapter store beside it (see ``tiny_adapters``)."""
     import json
 
     spec = {"name": "tiny", "source": {"path": str(model_path)}, "kind": "causal-lm", "device": "cpu"}
     return {"SENSORIUM_EXTRACTOR_MODELS": json.dumps({"tiny": spec}),
-            "SENSORIUM_EXTRACTOR_PRELOAD": json.dumps(["tiny"]), **extra}
+            "SENSORIUM_EXTRACTOR_PRELOAD": json.dumps(["tiny"]),
+            "SENSORIUM_EXTRACTOR_ADAPTERS_DIR": str(model_path.parent / "adapters"), **extra}
 
 
 @pytest.fixture(scope="session")
@@ -113,3 +115,35 @@ def tiny_model_path(tmp_path_factory: pytest.TempPathFactory) -> Path:
     from sensorium.models.tiny import build_tiny_llama
 
     return build_tiny_llama(tmp_path_factory.mktemp("tiny") / "model")
+
+
+def publish_lora(model_path: Path, store: Path, adapter_id: str, seed: int, *, base_model: str = "tiny",
+                 base_digest: str | None = None, layers: list[int] | None = None) -> None:
+    """A random (non-zero) LoRA adapter for a model directory, published as the trainer does."""
+    import tempfile
+
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    from sensorium.models.adapters import AdapterStore
+    from sensorium.models.store import model_digest
+
+    torch.manual_seed(seed)
+    config = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "down_proj"],
+                        layers_to_transform=layers, init_lora_weights=False)
+    peft_model = get_peft_model(AutoModelForCausalLM.from_pretrained(model_path), config)
+    with tempfile.TemporaryDirectory() as tmp:
+        peft_model.save_pretrained(tmp)
+        AdapterStore(store).publish(adapter_id, Path(tmp), base_model=base_model,
+                                    base_digest=base_digest or model_digest(model_path), training={"seed": seed})
+
+
+@pytest.fixture(scope="session")
+def tiny_adapters(tiny_model_path: Path) -> list[str]:
+    """Two adapters of the tiny model and one that claims another base, in the store ``extractor_env`` names."""
+    store = tiny_model_path.parent / "adapters"
+    publish_lora(tiny_model_path, store, "tiny-a", seed=1)
+    publish_lora(tiny_model_path, store, "tiny-b", seed=2, layers=[1])
+    publish_lora(tiny_model_path, store, "foreign", seed=3, base_model="other", base_digest="0" * 64)
+    return ["tiny-a", "tiny-b"]

@@ -6,6 +6,7 @@ library computed in this process on the same weights; the embedded default model
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -17,6 +18,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from conftest import ServiceProcess, extractor_env
 from sensorium import wire
 from sensorium.activations import iter_activations, resolve_layers
+from sensorium.models.adapters import AdapterHost, AdapterStore
 from sensorium.models.store import DEFAULT_MODEL, LoadedModel, ModelSpec, ModelStore, PathSource, load_model
 from sensorium.prompts import chat_prompt, default_template
 from sensorium.ratings import rate
@@ -29,7 +31,8 @@ MAX_WORDS = 50
 
 
 @pytest.fixture(scope="module")
-def service(tmp_path_factory: pytest.TempPathFactory, tiny_model_path: Path) -> Iterator[ServiceProcess]:
+def service(tmp_path_factory: pytest.TempPathFactory, tiny_model_path: Path,
+            tiny_adapters: list[str]) -> Iterator[ServiceProcess]:
     svc = ServiceProcess("extractor", tmp_path_factory.mktemp("svc"),
                          extractor_env(tiny_model_path, SENSORIUM_EXTRACTOR_MAX_WORDS=str(MAX_WORDS)))
     yield svc
@@ -164,6 +167,21 @@ BAD = [
      grpc.StatusCode.RESOURCE_EXHAUSTED),
     ("uncached word", "Nearest", epb.NearestRequest(model="tiny", layer=1, word="never-seen"),
      grpc.StatusCode.NOT_FOUND),
+    ("unknown adapter", "Rate", epb.RateRequest(model="tiny", words=["a"], adapter="nope"), grpc.StatusCode.NOT_FOUND),
+    ("path-like adapter", "Extract", epb.ExtractRequest(model="tiny", words=["a"], adapter="../../etc"),
+     grpc.StatusCode.INVALID_ARGUMENT),
+    ("adapter of another model", "Rate", epb.RateRequest(model="tiny", words=["a"], adapter="foreign"),
+     grpc.StatusCode.FAILED_PRECONDITION),
+    ("adapter of another model", "Nearest", epb.NearestRequest(model="tiny", layer=1, word="a", adapter="foreign"),
+     grpc.StatusCode.FAILED_PRECONDITION),
+    ("load without adapter", "LoadAdapter", epb.AdapterRequest(model="tiny"), grpc.StatusCode.INVALID_ARGUMENT),
+    ("load foreign adapter", "LoadAdapter", epb.AdapterRequest(model="tiny", adapter="foreign"),
+     grpc.StatusCode.FAILED_PRECONDITION),
+    ("load on unknown model", "LoadAdapter", epb.AdapterRequest(model="nope", adapter="tiny-a"),
+     grpc.StatusCode.NOT_FOUND),
+    ("unload what is not loaded", "UnloadAdapter", epb.AdapterRequest(model="tiny", adapter="foreign"),
+     grpc.StatusCode.NOT_FOUND),
+    ("list for unknown model", "ListAdapters", epb.ListAdaptersRequest(model="nope"), grpc.StatusCode.NOT_FOUND),
 ]
 
 
@@ -177,6 +195,81 @@ def test_bad_requests_are_refused_and_service_keeps_serving(stub: epb_grpc.Extra
     assert info.value.code() == code
     assert info.value.details() and "internal error" not in info.value.details()
     assert stub.Rate(epb.RateRequest(model="tiny", words=["apple"], dimensions=["visual"])).ratings
+
+
+@pytest.fixture(scope="module")
+def local_host(tiny_model_path: Path, tiny_adapters: list[str], tmp_path_factory: pytest.TempPathFactory):
+    """An in-process copy of the model with the same adapter store: the reference for adapter results."""
+    spec = ModelSpec(name="tiny", source=PathSource(path=tiny_model_path), device="cpu")
+    model = load_model(spec, ModelStore(tmp_path_factory.mktemp("store-adapters")))
+    return model, AdapterHost(model.model, "tiny", model.digest, AdapterStore(tiny_model_path.parent / "adapters"))
+
+
+def adapters_listed(stub: epb_grpc.ExtractorStub, model: str = "") -> dict[str, epb.AdapterInfo]:
+    return {a.id: a for a in stub.ListAdapters(epb.ListAdaptersRequest(model=model)).adapters}
+
+
+def test_adapters_are_listed_from_the_store(stub: epb_grpc.ExtractorStub, local: LoadedModel) -> None:
+    listed = adapters_listed(stub)
+    assert set(listed) == {"tiny-a", "tiny-b", "foreign"}
+    assert set(adapters_listed(stub, "tiny")) == {"tiny-a", "tiny-b"}
+    a = listed["tiny-a"]
+    assert (a.base_model, a.base_digest) == ("tiny", local.digest) and len(a.digest) == 64
+    assert json.loads(a.training_json) == {"seed": 1}
+    assert listed["tiny-a"].digest != listed["tiny-b"].digest
+
+
+def test_adapter_switch_per_request_on_one_resident_model(stub: epb_grpc.ExtractorStub, local_host) -> None:
+    model, host = local_host
+    words, dims = WORDS[:5], ["visual", "auditory"]
+
+    def served(adapter: str) -> np.ndarray:
+        reply = stub.Rate(epb.RateRequest(model="tiny", words=words, dimensions=dims, adapter=adapter,
+                                          max_new_tokens=2))
+        assert reply.adapter == adapter
+        assert reply.adapter_digest == (adapters_listed(stub)[adapter].digest if adapter else "")
+        return np.array([[r.expected, r.mass] for r in reply.ratings])
+
+    def in_process(adapter: str | None) -> np.ndarray:
+        with host.use(adapter):
+            per_dim = [rate(model.model, model.tokenizer, words,
+                            lambda w, t=default_template("en", d): chat_prompt(t.render(w), model.tokenizer))
+                       for d in dims]
+        return np.array([[r.expected[i], r.mass[i]] for i in range(len(words)) for r in per_dim])
+
+    base = served("")
+    with_a, with_b = served("tiny-a"), served("tiny-b")
+    assert not np.allclose(with_a, base, atol=1e-4) and not np.allclose(with_b, with_a, atol=1e-4)
+    np.testing.assert_allclose(with_a, in_process("tiny-a"), atol=1e-5)
+    np.testing.assert_allclose(with_b, in_process("tiny-b"), atol=1e-5)
+    np.testing.assert_array_equal(served(""), base)  # adapters resident, base unchanged
+    np.testing.assert_allclose(base, in_process(None), atol=1e-5)
+    listed = adapters_listed(stub)
+    assert listed["tiny-a"].loaded and listed["tiny-b"].loaded and not listed["foreign"].loaded
+    models = {m.name: m for m in stub.ListModels(epb.ListModelsRequest()).models}
+    assert models["tiny"].loaded  # the same resident model, never reloaded
+
+    assert stub.UnloadAdapter(epb.AdapterRequest(model="tiny", adapter="tiny-b")).loaded is False
+    assert not adapters_listed(stub)["tiny-b"].loaded
+    np.testing.assert_array_equal(served("tiny-b"), with_b)  # loaded again on demand
+    assert stub.LoadAdapter(epb.AdapterRequest(model="tiny", adapter="tiny-b")).loaded
+
+
+def test_adapter_vectors_live_in_their_own_cache_space(stub: epb_grpc.ExtractorStub, local_host) -> None:
+    model, host = local_host
+    words = ["lemon", "drum", "velvet"]
+    base, _ = extract(stub, words, layers=[2])
+    tuned, from_cache = extract(stub, words, layers=[2], adapter="tiny-a")
+    assert from_cache == 0 and not np.allclose(tuned[2], base[2], atol=1e-4)
+    with host.use("tiny-a"):
+        np.testing.assert_allclose(tuned[2], reference(model, words, [2], "last")[2], atol=1e-5)
+    chunk = next(iter(stub.Extract(epb.ExtractRequest(model="tiny", words=words, layers=[2], adapter="tiny-a"))))
+    assert chunk.from_cache == len(words) and chunk.adapter_digest == adapters_listed(stub)["tiny-a"].digest
+    again, from_cache = extract(stub, words, layers=[2])
+    assert from_cache == len(words) and chunk.adapter_digest != ""
+    np.testing.assert_array_equal(again[2], base[2])
+    near = stub.Nearest(epb.NearestRequest(model="tiny", layer=2, word="drum", adapter="tiny-a", k=3))
+    assert near.neighbours[0].word == "drum" and {n.word for n in near.neighbours} == set(words)
 
 
 def test_typed_client(service: ServiceProcess, local: LoadedModel) -> None:
@@ -195,6 +288,13 @@ def test_typed_client(service: ServiceProcess, local: LoadedModel) -> None:
         assert client.nearest("tiny", 1, "violin", k=2, pooling="mean")[0][0] == "violin"
         rated = client.rate("tiny", words, ["visual"], max_new_tokens=0)
         assert [r.word for r in rated.ratings] == words and all(0 <= r.expected <= 5 for r in rated.ratings)
+        assert {a.id for a in client.list_adapters("tiny")} == {"tiny-a", "tiny-b"}
+        assert client.load_adapter("tiny", "tiny-a").loaded
+        tuned = client.extract("tiny", words, layers=[1], adapter="tiny-a")
+        assert tuned.adapter_digest == client.load_adapter("tiny", "tiny-a").digest
+        assert client.rate("tiny", words, ["visual"], adapter="tiny-a").adapter == "tiny-a"
+        assert client.nearest("tiny", 1, "moss", k=1, adapter="tiny-a")[0][0] == "moss"
+        assert client.unload_adapter("tiny", "tiny-a").loaded is False
 
 
 def test_cache_survives_restart_and_corruption(service: ServiceProcess, tiny_model_path: Path,

@@ -3,7 +3,9 @@
 Forward passes take from milliseconds to minutes; they run off the event loop so that health
 checks and ListModels keep being answered while a model computes. Models load on first use
 (or at startup for ``preload``) and then stay resident, one per name: loading takes seconds and
-a converted GGUF tens of seconds, far more than any single request should pay twice.
+a converted GGUF tens of seconds, far more than any single request should pay twice. Adapters
+are applied on the resident model per request; a request's computation holds the model's
+adapter lock so that no other request switches the adapter under it.
 """
 
 from __future__ import annotations
@@ -12,8 +14,10 @@ import asyncio
 import logging
 import threading
 import time
+import json
 import unicodedata
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from dataclasses import dataclass
 from typing import TypeVar
 
 import grpc
@@ -23,10 +27,11 @@ from sensorium import wire
 from sensorium.activations import POOLINGS, iter_activations, resolve_layers
 from sensorium.cache import Space, VectorCache
 from sensorium.errors import InvalidArgument, NotFound, ResourceExhausted
+from sensorium.models.adapters import AdapterHost, AdapterManifest, AdapterStore, check_adapter_id
 from sensorium.models.store import LoadedModel, ModelRegistry, ModelStore
 from sensorium.prompts import available, chat_prompt, default_template
 from sensorium.prompts.template import PromptTemplate
-from sensorium.ratings import rate
+from sensorium.ratings import Ratings, rate
 from sensorium.v1 import extractor_pb2 as epb
 from sensorium.v1 import extractor_pb2_grpc as epb_grpc
 from services.common.workers import WorkSlots
@@ -41,29 +46,45 @@ DEFAULT_K = 10
 
 
 class Models:
-    """The registry's models, each loaded at most once and kept resident."""
+    """The registry's models, each loaded at most once and kept resident with its adapters."""
 
-    def __init__(self, registry: ModelRegistry) -> None:
+    def __init__(self, registry: ModelRegistry, adapters: AdapterStore, max_loaded_adapters: int) -> None:
         self.registry = registry
-        self._loaded: dict[str, LoadedModel] = {}
+        self.adapters = adapters
+        self.max_loaded_adapters = max_loaded_adapters
+        self._loaded: dict[str, Resident] = {}
         self._locks: dict[str, threading.Lock] = {name: threading.Lock() for name in registry.names()}
 
-    def loaded(self, name: str) -> LoadedModel | None:
+    def loaded(self, name: str) -> Resident | None:
         return self._loaded.get(name)
 
-    def get(self, name: str) -> LoadedModel:
+    def get(self, name: str) -> Resident:
         """Blocking: call from a worker thread. Concurrent first uses wait for one load."""
         self.registry.spec(name)  # NotFound for an unknown name, before any lock
-        if (model := self._loaded.get(name)) is not None:
-            return model
+        if (resident := self._loaded.get(name)) is not None:
+            return resident
         with self._locks[name]:
-            if (model := self._loaded.get(name)) is None:
+            if (resident := self._loaded.get(name)) is None:
                 started = time.monotonic()
-                model = self._loaded[name] = self.registry.load(name)
+                model = self.registry.load(name)
+                host = AdapterHost(model.model, name, model.digest, self.adapters, self.max_loaded_adapters)
+                resident = self._loaded[name] = Resident(model, host)
                 seconds = round(time.monotonic() - started, 3)
                 logger.info("model loaded", extra={"model": name, "digest": model.digest, "device": model.device,
                                                    "dtype": model.dtype, "seconds": seconds})
-        return model
+        return resident
+
+
+@dataclass(frozen=True)
+class Resident:
+    """A loaded model and the adapters on it; every computation goes through ``host.use``."""
+
+    model: LoadedModel
+    host: AdapterHost
+
+    def adapter_digest(self, adapter: str) -> str:
+        """The cache-key part for ``adapter`` ("" for the base model), checked against the base."""
+        return self.host.check(check_adapter_id(adapter)).digest if adapter else ""
 
 
 def check_words(words: Sequence[str], settings: ExtractorSettings) -> list[str]:
@@ -113,9 +134,10 @@ def renderer(template: PromptTemplate | None, tokenizer: object) -> Callable[[st
 class ExtractorServicer(epb_grpc.ExtractorServicer):
     def __init__(self, settings: ExtractorSettings) -> None:
         self.settings = settings
-        store = ModelStore(settings.data_dir / "models")
-        self.models = Models(ModelRegistry.default(store, settings.models))
-        self.cache = VectorCache(settings.data_dir / "cache", settings.cache_max_vectors)
+        store = ModelStore(settings.model_store)
+        self.models = Models(ModelRegistry.default(store, settings.models), AdapterStore(settings.adapters_dir),
+                             settings.max_loaded_adapters)
+        self.cache = VectorCache(settings.vector_cache, settings.cache_max_vectors)
         self.slots = WorkSlots("extractor", settings.workers, settings.max_queued)
 
     async def ready(self) -> None:
@@ -126,14 +148,15 @@ class ExtractorServicer(epb_grpc.ExtractorServicer):
         # A batch size only trades memory for speed, never changes a result: cap it, don't refuse.
         return min(requested or self.settings.max_batch_size, self.settings.max_batch_size)
 
-    def _model(self, name: str) -> Awaitable[LoadedModel]:
+    def _model(self, name: str) -> Awaitable[Resident]:
         return asyncio.to_thread(self.models.get, name)
 
     async def ListModels(self, request: epb.ListModelsRequest, context) -> epb.ListModelsResponse:
         out = []
         for name in self.models.registry.names():
             info = epb.ModelInfo(name=name, kind=self.models.registry.spec(name).kind)
-            if (m := self.models.loaded(name)) is not None:
+            if (resident := self.models.loaded(name)) is not None:
+                m = resident.model
                 info.loaded = True
                 info.digest, info.n_layers, info.hidden_size = m.digest, m.n_layers, m.hidden_size
                 info.device, info.dtype = m.device, m.dtype
@@ -157,15 +180,18 @@ class ExtractorServicer(epb_grpc.ExtractorServicer):
         self.models.registry.spec(request.model)
         batch_size = self._batch_size(request.batch_size)
         async with self.slots.slot():
-            model = await self._model(request.model)
+            resident = await self._model(request.model)
+            model = resident.model
             started = time.monotonic()
-            per_dimension = []
-            for template in templates:
-                prompt = renderer(template, model.tokenizer)
-                per_dimension.append(await asyncio.to_thread(
-                    rate, model.model, model.tokenizer, words, prompt, batch_size, request.max_new_tokens))
-        logger.info("rated", extra={"model": model.name, "words": len(words), "dimensions": len(templates),
-                                    "seconds": round(time.monotonic() - started, 3)})
+
+            def work() -> tuple[list[Ratings], AdapterManifest | None]:
+                with resident.host.use(request.adapter or None) as adapter:
+                    return [rate(model.model, model.tokenizer, words, renderer(t, model.tokenizer), batch_size,
+                                 request.max_new_tokens) for t in templates], adapter
+
+            per_dimension, adapter = await asyncio.to_thread(work)
+        logger.info("rated", extra={"model": model.name, "adapter": request.adapter, "words": len(words),
+                                    "dimensions": len(templates), "seconds": round(time.monotonic() - started, 3)})
         ratings = []
         for i, word in enumerate(words):
             for template, r in zip(templates, per_dimension):
@@ -177,7 +203,8 @@ class ExtractorServicer(epb_grpc.ExtractorServicer):
                 ratings.append(rating)
         return epb.RateResponse(
             model=model.name, model_digest=model.digest, language=templates[0].language if templates else language,
-            ratings=ratings, templates=[epb.TemplateDigest(dimension=t.dimension, digest=t.digest) for t in templates])
+            ratings=ratings, templates=[epb.TemplateDigest(dimension=t.dimension, digest=t.digest) for t in templates],
+            adapter=request.adapter, adapter_digest=adapter.digest if adapter is not None else "")
 
     def _rows_per_chunk(self, width: int) -> int:
         """Rows that fit comfortably in one message: half the limit, words and framing included."""
@@ -191,10 +218,13 @@ class ExtractorServicer(epb_grpc.ExtractorServicer):
         self.models.registry.spec(request.model)
         batch_size = self._batch_size(request.batch_size)
         async with self.slots.slot():
-            model = await self._model(request.model)
+            resident = await self._model(request.model)
+            model = resident.model
             layers = resolve_layers([*request.layers, *(float(d) for d in request.relative_depths)], model.n_layers)
             digest = template.digest if template is not None else ""
-            spaces = {k: Space(model=model.digest, template=digest, pooling=pooling, layer=k) for k in layers}
+            adapter = await asyncio.to_thread(resident.adapter_digest, request.adapter)
+            spaces = {k: Space(model=model.digest, adapter=adapter, template=digest, pooling=pooling, layer=k)
+                      for k in layers}
             render = renderer(template, model.tokenizer)
             rows = min(batch_size, self._rows_per_chunk(model.hidden_size))
             started, hits, misses = time.monotonic(), 0, 0
@@ -205,12 +235,13 @@ class ExtractorServicer(epb_grpc.ExtractorServicer):
                 missing = [w for w in chunk if any(w not in found[k][0] for k in layers)]
                 computed: dict[int, dict[str, np.ndarray]] = {k: {} for k in layers}
                 if missing:
-                    for first, by_layer in iter_activations(model.model, model.tokenizer, missing, layers, pooling,
-                                                            render, batch_size):
-                        names = missing[first:first + len(next(iter(by_layer.values())))]
-                        for k, vectors in by_layer.items():
-                            self.cache.put_many(spaces[k], names, vectors)
-                            computed[k].update(zip(names, vectors))
+                    with resident.host.use(request.adapter or None):
+                        for first, by_layer in iter_activations(model.model, model.tokenizer, missing, layers,
+                                                                pooling, render, batch_size):
+                            names = missing[first:first + len(next(iter(by_layer.values())))]
+                            for k, vectors in by_layer.items():
+                                self.cache.put_many(spaces[k], names, vectors)
+                                computed[k].update(zip(names, vectors))
                 out = {k: np.stack([found[k][0].get(w, computed[k].get(w)) for w in chunk]).astype(np.float32)
                        for k in layers}
                 return out, {k: len(found[k][0]) for k in layers}
@@ -225,11 +256,11 @@ class ExtractorServicer(epb_grpc.ExtractorServicer):
                         yield epb.ExtractChunk(layer=k, first_word_index=first, words=chunk,
                                                vectors=wire.matrix_to_proto(vectors[k], "float32"),
                                                from_cache=from_cache[k], template_digest=digest,
-                                               model_digest=model.digest)
+                                               model_digest=model.digest, adapter_digest=adapter)
             finally:
                 await asyncio.to_thread(self.cache.flush)
                 logger.info("extracted", extra={
-                    "model": model.name, "words": len(words), "layers": layers, "pooling": pooling,
+                    "model": model.name, "adapter": request.adapter, "words": len(words), "layers": layers, "pooling": pooling,
                     "template": digest, "cache_hits": hits, "cache_misses": misses,
                     "seconds": round(time.monotonic() - started, 3)})
 
@@ -239,10 +270,11 @@ class ExtractorServicer(epb_grpc.ExtractorServicer):
         query_kind = request.WhichOneof("query")
         if query_kind is None:
             raise InvalidArgument("give a word or a vector to search from")
-        model = await self._model(request.model)
-        (layer,) = resolve_layers([request.layer], model.n_layers)
-        space = Space(model=model.digest, template=template.digest if template is not None else "",
-                      pooling=pooling, layer=layer)
+        resident = await self._model(request.model)
+        (layer,) = resolve_layers([request.layer], resident.model.n_layers)
+        adapter = await asyncio.to_thread(resident.adapter_digest, request.adapter)
+        space = Space(model=resident.model.digest, adapter=adapter,
+                      template=template.digest if template is not None else "", pooling=pooling, layer=layer)
         if query_kind == "word":
             query: str | np.ndarray = request.word
         else:
@@ -251,6 +283,43 @@ class ExtractorServicer(epb_grpc.ExtractorServicer):
                 raise InvalidArgument(f"the query vector must be one row, got {query.shape[0]}")
         found = await asyncio.to_thread(self.cache.nearest, space, query, request.k or DEFAULT_K)
         return epb.NearestResponse(neighbours=[epb.Neighbour(word=w, cosine=c) for w, c in found])
+
+    # ---- adapters ------------------------------------------------------------------------------
+
+    def _info(self, manifest: AdapterManifest) -> epb.AdapterInfo:
+        resident = self.models.loaded(manifest.base_model)
+        loaded = resident is not None and resident.host.is_loaded(manifest.id)
+        return epb.AdapterInfo(id=manifest.id, base_model=manifest.base_model, base_digest=manifest.base_digest,
+                               digest=manifest.digest, created=manifest.created, loaded=loaded,
+                               training_json=json.dumps(manifest.training, sort_keys=True))
+
+    async def ListAdapters(self, request: epb.ListAdaptersRequest, context) -> epb.ListAdaptersResponse:
+        if request.model:
+            self.models.registry.spec(request.model)
+        found = await asyncio.to_thread(self.models.adapters.list)
+        return epb.ListAdaptersResponse(adapters=[self._info(m) for m in found
+                                                  if not request.model or m.base_model == request.model])
+
+    def _adapter_request(self, request: epb.AdapterRequest) -> str:
+        if not request.adapter:
+            raise InvalidArgument("no adapter named")
+        self.models.registry.spec(request.model)
+        return check_adapter_id(request.adapter)
+
+    async def LoadAdapter(self, request: epb.AdapterRequest, context) -> epb.AdapterInfo:
+        adapter = self._adapter_request(request)
+        async with self.slots.slot():
+            resident = await self._model(request.model)
+            manifest = await asyncio.to_thread(resident.host.load, adapter)
+        return self._info(manifest)
+
+    async def UnloadAdapter(self, request: epb.AdapterRequest, context) -> epb.AdapterInfo:
+        adapter = self._adapter_request(request)
+        resident = self.models.loaded(request.model)
+        if resident is None:
+            raise NotFound(f"model {request.model!r} is not loaded, so no adapter is loaded on it")
+        manifest = await asyncio.to_thread(resident.host.unload, adapter)
+        return self._info(manifest)
 
 
 def build(settings: ExtractorSettings) -> tuple[Callable[[grpc.aio.Server], list[str]], Callable[[], Awaitable[None]]]:

@@ -16,7 +16,14 @@ class ExtractorSettings(ServiceSettings):
 
     port: int = Field(50052, ge=0, le=65535, description="gRPC port; 0 picks a free port.")
     data_dir: Path = Field(Path("var/extractor"),
-                           description="Converted models go to data_dir/models, cached vectors to data_dir/cache.")
+                           description="Parent of the stores below when they are not set one by one.")
+    models_dir: Path | None = Field(None, description="Model store (GGUF models converted once); "
+                                    "default data_dir/models.")
+    cache_dir: Path | None = Field(None, description="Vector cache; default data_dir/cache.")
+    adapters_dir: Path = Field(Path("var/adapters"),
+                               description="Adapter store the trainer writes; the extractor only reads it.")
+    max_loaded_adapters: int = Field(8, ge=1, description="Adapters resident per model; the least recently "
+                                     "used is unloaded to make room.")
     models: dict[str, ModelSpec] = Field(
         default_factory=dict,
         description="Models offered besides the embedded default, by name (a JSON object in the environment).")
@@ -30,6 +37,14 @@ class ExtractorSettings(ServiceSettings):
                                    description="Vectors kept in the cache; the least recently used go first.")
     workers: int = Field(1, ge=1, description="Requests computed at once; each runs in its own thread.")
     max_queued: int = Field(16, ge=0, description="Requests waiting for a worker beyond which requests are refused.")
+
+    @property
+    def model_store(self) -> Path:
+        return self.models_dir if self.models_dir is not None else self.data_dir / "models"
+
+    @property
+    def vector_cache(self) -> Path:
+        return self.cache_dir if self.cache_dir is not None else self.data_dir / "cache"
 
     @model_validator(mode="after")
     def _models_are_consistent(self) -> ExtractorSettings:
