@@ -1,4 +1,5 @@
-"""The ``sensorium`` command: the library in-process, or a running service with ``--server``.
+"""The ``sensorium`` command: analyses in-process or on a running analyzer (``--server``), and
+ratings and activations from a running extractor.
 
 Its flags are a contract other tools script against: the JSON printed by ``--json`` keeps its keys.
 Every failure is one line on stderr and a non-zero exit, never a traceback.
@@ -10,9 +11,10 @@ import argparse
 import json
 import math
 import sys
+from pathlib import Path
 from typing import Any
 
-from sensorium.errors import SensoriumError, validated
+from sensorium.errors import InvalidArgument, SensoriumError, validated
 
 
 def _cols(text: str) -> list[str]:
@@ -137,6 +139,195 @@ def cmd_words(args: argparse.Namespace) -> dict:
     return out
 
 
+# ---- the extractor -------------------------------------------------------------------------------
+
+DEFAULT_EXTRACTOR = "127.0.0.1:50052"
+
+
+def _extractor(args: argparse.Namespace):
+    from sensorium.client import ExtractorClient
+
+    return ExtractorClient(args.server, token=args.token, tls_ca_file=args.tls_ca)
+
+
+def _words(args: argparse.Namespace) -> list[str]:
+    """Words from the command line, then from ``--words-file`` (one per line, ``#`` comments)."""
+    words = list(args.words)
+    if args.words_file:
+        try:
+            lines = Path(args.words_file).read_text(encoding="utf-8").splitlines()
+        except (OSError, UnicodeDecodeError) as exc:
+            raise InvalidArgument(f"cannot read {args.words_file}: {exc}") from exc
+        words += [w.strip() for w in lines if w.strip() and not w.lstrip().startswith("#")]
+    if not words:
+        raise InvalidArgument("no words: give them as arguments or with --words-file")
+    return words
+
+
+def cmd_models(args: argparse.Namespace) -> dict:
+    with _extractor(args) as client:
+        return {"models": [{"name": m.name, "kind": m.kind, "loaded": m.loaded, "digest": m.digest,
+                            "n_layers": m.n_layers, "hidden_size": m.hidden_size, "device": m.device,
+                            "dtype": m.dtype} for m in client.list_models()]}
+
+
+def cmd_adapters(args: argparse.Namespace) -> dict:
+    with _extractor(args) as client:
+        if args.load or args.unload:
+            info = (client.load_adapter if args.load else client.unload_adapter)(args.model, args.load or args.unload)
+            found = [info]
+        else:
+            found = client.list_adapters(args.model)
+    return {"adapters": [{"id": a.id, "base_model": a.base_model, "digest": a.digest, "created": a.created,
+                          "loaded": a.loaded, "training": json.loads(a.training_json or "{}")} for a in found]}
+
+
+def cmd_rate(args: argparse.Namespace) -> dict:
+    """Ratings as a wide CSV (one row per word) that ``sensorium analyze`` reads directly."""
+    words = _words(args)
+    with _extractor(args) as client:
+        reply = client.rate(args.model, words, args.dimensions, language=args.language,
+                            max_new_tokens=args.max_new_tokens, batch_size=args.batch_size, adapter=args.adapter)
+    dims = [t.dimension for t in reply.templates]
+    rows: dict[str, dict[str, Any]] = {w: {} for w in words}
+    for r in reply.ratings:
+        row = rows[r.word]
+        row[r.dimension], row[f"{r.dimension}_mass"] = r.expected, r.mass
+        if args.max_new_tokens:
+            row[f"{r.dimension}_answer"] = r.answer
+            row[f"{r.dimension}_parsed"] = r.parsed if r.HasField("parsed") else None
+    columns = [c for d in dims for c in ([d, f"{d}_mass"] + ([f"{d}_answer", f"{d}_parsed"]
+                                                             if args.max_new_tokens else []))]
+    out: dict[str, Any] = {"model": reply.model, "model_digest": reply.model_digest, "adapter": reply.adapter,
+                           "adapter_digest": reply.adapter_digest, "language": reply.language, "dimensions": dims,
+                           "n_words": len(words)}
+    if args.max_new_tokens:
+        parsed = sum(r.HasField("parsed") for r in reply.ratings)
+        out["parse_rate"] = parsed / len(reply.ratings) if reply.ratings else None
+    if args.out:
+        _write_csv(Path(args.out), ["word", *columns], [[w, *(rows[w].get(c) for c in columns)] for w in words])
+        out["out"] = args.out
+    else:
+        out["ratings"] = [{"word": w, **rows[w]} for w in words]
+    return out
+
+
+def _write_csv(path: Path, header: list[str], rows: list[list[Any]]) -> None:
+    import csv
+    import io
+
+    from sensorium.storage import atomic_write_bytes
+
+    text = io.StringIO()
+    writer = csv.writer(text, lineterminator="\n")
+    writer.writerow(header)
+    writer.writerows([["" if v is None else (f"{v:.10g}" if isinstance(v, float) else v) for v in row]
+                      for row in rows])
+    atomic_write_bytes(path, text.getvalue().encode())
+
+
+def cmd_activations(args: argparse.Namespace) -> dict:
+    """Pooled hidden states into one ``.npz``: ``words`` and ``layer_<k>`` matrices."""
+    import io
+
+    import numpy as np
+
+    from sensorium.storage import atomic_write_bytes
+
+    words = _words(args)
+    template = (args.language, args.template) if args.template else None
+    with _extractor(args) as client:
+        got = client.extract(args.model, words, layers=args.layers, relative_depths=args.depths,
+                             pooling=args.pooling, template=template, batch_size=args.batch_size,
+                             adapter=args.adapter)
+    buffer = io.BytesIO()
+    np.savez(buffer, words=np.array(words), **{f"layer_{k}": m for k, m in got.layers.items()})
+    atomic_write_bytes(Path(args.out), buffer.getvalue())
+    return {"out": args.out, "n_words": len(words), "layers": sorted(got.layers),
+            "hidden_size": next(iter(got.layers.values())).shape[1], "from_cache": got.from_cache,
+            "model_digest": got.model_digest, "adapter_digest": got.adapter_digest,
+            "template_digest": got.template_digest}
+
+
+def cmd_nearest(args: argparse.Namespace) -> dict:
+    template = (args.language, args.template) if args.template else None
+    with _extractor(args) as client:
+        found = client.nearest(args.model, args.layer, args.word, k=args.k, pooling=args.pooling,
+                               template=template, adapter=args.adapter)
+    return {"neighbours": [{"word": w, "cosine": c} for w, c in found]}
+
+
+def _ints(text: str) -> list[int]:
+    try:
+        return [int(x) for x in _cols(text)]
+    except ValueError:
+        raise argparse.ArgumentTypeError("expected comma-separated integers") from None
+
+
+def _floats(text: str) -> list[float]:
+    try:
+        return [float(x) for x in _cols(text)]
+    except ValueError:
+        raise argparse.ArgumentTypeError("expected comma-separated numbers") from None
+
+
+def _extract_parser(sub: argparse._SubParsersAction) -> None:
+    extract = sub.add_parser("extract", help="ratings and activations from a running extractor")
+    kinds = extract.add_subparsers(dest="what", required=True)
+
+    def common(p: argparse.ArgumentParser, *, words: bool = False, model: bool = True) -> None:
+        p.add_argument("--server", default=DEFAULT_EXTRACTOR, help=f"extractor address (default {DEFAULT_EXTRACTOR})")
+        p.add_argument("--token", help="bearer token")
+        p.add_argument("--tls-ca", help="CA bundle to reach the server over TLS")
+        if model:
+            p.add_argument("--model", default="smollm2-135m-instruct", help="model name (default: the embedded one)")
+            p.add_argument("--adapter", default="", help="adapter id; default: the base model")
+        if words:
+            p.add_argument("words", nargs="*", help="words (or --words-file)")
+            p.add_argument("--words-file", help="a file of words, one per line")
+            p.add_argument("--batch-size", type=int, default=0, help="words per forward pass (default: the server's)")
+
+    models = kinds.add_parser("models", help="the models the extractor offers")
+    common(models, model=False)
+    models.set_defaults(run=cmd_models)
+
+    adapters = kinds.add_parser("adapters", help="list adapters, or load / unload one")
+    common(adapters, model=False)
+    adapters.add_argument("--model", default="", help="only adapters of this model (required with --load/--unload)")
+    group = adapters.add_mutually_exclusive_group()
+    group.add_argument("--load", metavar="ID", help="make an adapter resident")
+    group.add_argument("--unload", metavar="ID", help="free a resident adapter")
+    adapters.set_defaults(run=cmd_adapters)
+
+    rate = kinds.add_parser("rate", help="the model's 0-5 ratings of words, one CSV row per word")
+    common(rate, words=True)
+    rate.add_argument("--dimensions", type=_cols, default=None, help="comma-separated; default: all of the language")
+    rate.add_argument("--language", default="en")
+    rate.add_argument("--max-new-tokens", type=int, default=0, help="also decode and parse the greedy answer")
+    rate.add_argument("--out", help="CSV to write; default: ratings in the JSON on stdout")
+    rate.set_defaults(run=cmd_rate)
+
+    acts = kinds.add_parser("activations", help="pooled hidden states of words, saved as .npz")
+    common(acts, words=True)
+    acts.add_argument("--layers", type=_ints, default=None, help="layer indices, negative from the end")
+    acts.add_argument("--depths", type=_floats, default=None, help="relative depths in [0, 1]")
+    acts.add_argument("--pooling", choices=["last", "word-mean", "mean"], default="last")
+    acts.add_argument("--template", metavar="DIMENSION", help="embed each word in this dimension's rating prompt")
+    acts.add_argument("--language", default="en", help="language of --template")
+    acts.add_argument("--out", required=True, help=".npz file to write")
+    acts.set_defaults(run=cmd_activations)
+
+    nearest = kinds.add_parser("nearest", help="cached words closest to a word (cosine)")
+    common(nearest)
+    nearest.add_argument("word")
+    nearest.add_argument("--layer", type=int, required=True)
+    nearest.add_argument("--k", type=int, default=10)
+    nearest.add_argument("--pooling", choices=["last", "word-mean", "mean"], default="last")
+    nearest.add_argument("--template", metavar="DIMENSION")
+    nearest.add_argument("--language", default="en")
+    nearest.set_defaults(run=cmd_nearest)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="sensorium", description="Human vs model sensorimotor representations.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -171,6 +362,7 @@ def build_parser() -> argparse.ArgumentParser:
     words = kinds.add_parser("words", help="word-wise similarity, paired t-test and ranking correlation")
     common(words, with_b=True)
     words.set_defaults(run=cmd_words)
+    _extract_parser(sub)
     return parser
 
 

@@ -297,6 +297,50 @@ def test_typed_client(service: ServiceProcess, local: LoadedModel) -> None:
         assert client.unload_adapter("tiny", "tiny-a").loaded is False
 
 
+def test_command_line(service: ServiceProcess, local: LoadedModel, tmp_path: Path, capsys) -> None:
+    from sensorium.cli import main
+    from sensorium.tables import read_table
+
+    def run(*argv: str) -> tuple[int, dict | None, str]:
+        code = main(["extract", *argv, "--server", service.address])
+        out, err = capsys.readouterr()
+        return code, (json.loads(out) if code == 0 else None), err
+
+    words_file = tmp_path / "words.txt"
+    words_file.write_text("# a comment\napple\n\nmusic\n")
+    code, out, _ = run("rate", "kick", "--words-file", str(words_file), "--model", "tiny",
+                       "--dimensions", "visual,auditory", "--max-new-tokens", "2", "--out", str(tmp_path / "r.csv"))
+    assert code == 0 and out["n_words"] == 3 and out["dimensions"] == ["visual", "auditory"]
+    assert 0 <= out["parse_rate"] <= 1 and out["model_digest"] == local.digest
+    table = read_table(tmp_path / "r.csv")
+    assert list(table.words) == ["kick", "apple", "music"]
+    with grpc.insecure_channel(service.address) as channel:
+        reply = epb_grpc.ExtractorStub(channel).Rate(
+            epb.RateRequest(model="tiny", words=["kick", "apple", "music"], dimensions=["visual", "auditory"]))
+    want = np.array([r.expected for r in reply.ratings]).reshape(3, 2)
+    got = np.column_stack([table.numeric("visual"), table.numeric("auditory")])
+    np.testing.assert_allclose(got, want, atol=1e-5)
+
+    code, out, _ = run("activations", "salt", "pepper", "--model", "tiny", "--layers", "1,-1", "--pooling", "mean",
+                       "--out", str(tmp_path / "a.npz"))
+    assert code == 0 and out["layers"] == [1, local.n_layers]
+    saved = np.load(tmp_path / "a.npz")
+    assert list(saved["words"]) == ["salt", "pepper"]
+    np.testing.assert_allclose(saved["layer_1"], reference(local, ["salt", "pepper"], [1], "mean")[1], atol=1e-5)
+
+    code, out, _ = run("adapters", "--model", "tiny")
+    assert code == 0 and {a["id"] for a in out["adapters"]} == {"tiny-a", "tiny-b"}
+    code, out, _ = run("models")
+    assert code == 0 and "tiny" in {m["name"] for m in out["models"]}
+    code, out, _ = run("nearest", "pepper", "--model", "tiny", "--layer", "1", "--pooling", "mean", "--k", "1")
+    assert code == 0 and out["neighbours"][0]["word"] == "pepper"
+
+    code, _, err = run("rate", "apple", "--model", "nope")
+    assert code == 2 and err.startswith("error: NOT_FOUND") and "\n" == err[-1] and err.count("\n") == 1
+    code, _, err = run("rate", "--model", "tiny")
+    assert code == 2 and "no words" in err
+
+
 def test_cache_survives_restart_and_corruption(service: ServiceProcess, tiny_model_path: Path,
                                                local: LoadedModel) -> None:
     """Runs last: it stops the module's service and restarts it on the same data directory."""
