@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import re
 
-from conftest import ROOT, ServiceProcess
+from conftest import ROOT, ServiceProcess, extractor_env
 from services.analyzer.settings import AnalyzerSettings
 from services.common import ServiceSettings, settings_env_table
 
@@ -21,6 +21,18 @@ def test_client_example_runs(analyzer_process: ServiceProcess, capsys) -> None:
     exec(compile(snippet("client-example"), "README.md:client-example", "exec"), {"ADDRESS": analyzer_process.address})
     out = capsys.readouterr().out
     assert "tuned" in out and "tuned - base:" in out
+
+
+def test_extractor_example_runs(tmp_path, tiny_model_path, tiny_adapters, capsys) -> None:
+    svc = ServiceProcess("extractor", tmp_path, extractor_env(tiny_model_path))
+    try:
+        exec(compile(snippet("extractor-example"), "README.md:extractor-example", "exec"),
+             {"EXTRACTOR": svc.address, "MODEL": "tiny"})
+    finally:
+        svc.stop()
+    out = capsys.readouterr().out
+    assert "lemon gustatory" in out and f"layer {2}" in out
+    assert all(f"{a} " in out for a in tiny_adapters)
 
 
 def test_every_setting_is_documented() -> None:
