@@ -20,9 +20,9 @@ SNAPSHOT = Path(__file__).resolve().parents[1] / "proto" / "sensorium" / "v1" / 
 
 
 def _files() -> list[FileDescriptor]:
-    from sensorium.v1 import analyzer_pb2, common_pb2, extractor_pb2
+    from sensorium.v1 import analyzer_pb2, common_pb2, extractor_pb2, trainer_pb2
 
-    return [m.DESCRIPTOR for m in (common_pb2, analyzer_pb2, extractor_pb2)]
+    return [m.DESCRIPTOR for m in (common_pb2, analyzer_pb2, extractor_pb2, trainer_pb2)]
 
 
 def _field(f: FieldDescriptor) -> dict[str, Any]:
