@@ -6,8 +6,12 @@
 
 from __future__ import annotations
 
+import json
+import time
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import grpc
 import numpy as np
@@ -208,3 +212,67 @@ class ExtractorClient(_Base):
 
         request = epb.AdapterRequest(model=model, adapter=adapter)
         return self.stub.UnloadAdapter(request, metadata=self.metadata, timeout=self.timeout)
+
+
+class TrainerClient(_Base):
+    """Fine-tuning jobs on a running trainer: submit, follow, cancel."""
+
+    def __init__(self, address: str | grpc.Channel, token: str | None = None, timeout: float | None = 600.0,
+                 **channel_options) -> None:
+        super().__init__(address, token, timeout, **channel_options)
+        from sensorium.v1 import trainer_pb2_grpc as tpb_grpc
+
+        self.stub = tpb_grpc.TrainerStub(self.channel)
+
+    def submit(self, spec: Any, *, idempotency_key: str = "", adapter_id: str = "", validate_only: bool = False):
+        """Queue a job (or only check the spec); ``spec`` is a TrainingSpec, a dict or JSON text."""
+        from sensorium.v1 import trainer_pb2 as tpb
+
+        if hasattr(spec, "model_dump_json"):
+            text = spec.model_dump_json()
+        elif isinstance(spec, str):
+            text = spec
+        else:
+            text = json.dumps(spec)
+        request = tpb.SubmitRequest(spec_json=text, idempotency_key=idempotency_key, adapter_id=adapter_id,
+                                    validate_only=validate_only)
+        return self.stub.Submit(request, metadata=self.metadata, timeout=self.timeout)
+
+    def job(self, job_id: str):
+        from sensorium.v1 import trainer_pb2 as tpb
+
+        return self.stub.GetJob(tpb.JobRequest(id=job_id), metadata=self.metadata, timeout=self.timeout)
+
+    def jobs(self, states: list[int] | None = None, limit: int = 0):
+        from sensorium.v1 import trainer_pb2 as tpb
+
+        request = tpb.ListJobsRequest(states=states or [], limit=limit)
+        return list(self.stub.ListJobs(request, metadata=self.metadata, timeout=self.timeout).jobs)
+
+    def cancel(self, job_id: str):
+        from sensorium.v1 import trainer_pb2 as tpb
+
+        return self.stub.CancelJob(tpb.JobRequest(id=job_id), metadata=self.metadata, timeout=self.timeout)
+
+    def watch(self, job_id: str, after_seq: int = 0, timeout: float | None = None) -> Iterator[Any]:
+        """Events of a job as they happen, ending when the job ends; resumable from any ``seq``."""
+        from sensorium.v1 import trainer_pb2 as tpb
+
+        yield from self.stub.Watch(tpb.WatchRequest(id=job_id, after_seq=after_seq), metadata=self.metadata,
+                                   timeout=timeout)
+
+    def wait(self, job_id: str, on_event: Callable[[Any], None] | None = None, timeout: float | None = None):
+        """Follow a job to its end, reconnecting after a dropped stream, and return the final Job."""
+        after, deadline = 0, None if timeout is None else time.monotonic() + timeout
+        while True:
+            left = None if deadline is None else max(0.0, deadline - time.monotonic())
+            try:
+                for event in self.watch(job_id, after, timeout=left):
+                    after = event.seq
+                    if on_event is not None:
+                        on_event(event)
+                return self.job(job_id)
+            except grpc.RpcError as exc:
+                if exc.code() != grpc.StatusCode.UNAVAILABLE or (deadline is not None and time.monotonic() > deadline):
+                    raise
+                time.sleep(1.0)

@@ -41,10 +41,22 @@ class Unauthenticated(SensoriumError):
     """The caller did not present valid credentials."""
 
 
+def _invalid(model: type[BaseModel], exc: ValidationError) -> InvalidArgument:
+    problems = "; ".join(f"{'.'.join(map(str, e['loc'])) or '(root)'}: {e['msg']}" for e in exc.errors())
+    return InvalidArgument(f"invalid {model.__name__}: {problems}")
+
+
 def validated(model: type[B], **fields: Any) -> B:
     """A pydantic model built from caller input: a bad field is the caller's error, named."""
     try:
         return model(**fields)
     except ValidationError as exc:
-        problems = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())
-        raise InvalidArgument(f"invalid {model.__name__}: {problems}") from None
+        raise _invalid(model, exc) from None
+
+
+def validated_json(model: type[B], text: str | bytes) -> B:
+    """The same, from a JSON document; errors name each bad field by its path (``optim.epochs``)."""
+    try:
+        return model.model_validate_json(text)
+    except ValidationError as exc:
+        raise _invalid(model, exc) from None

@@ -89,12 +89,18 @@ class AdapterStore:
         return self.root / check_adapter_id(adapter_id)
 
     def publish(self, adapter_id: str, source: Path, *, base_model: str, base_digest: str,
-                training: Mapping[str, Any] | None = None) -> AdapterManifest:
+                training: Mapping[str, Any] | None = None,
+                extra_files: Mapping[str, bytes] | None = None) -> AdapterManifest:
         """Copy a peft ``save_pretrained`` folder into the store as one atomic entry.
 
         Only the config and the safetensors weights are taken: a pickled ``adapter_model.bin``
-        could run code when loaded and is refused.
+        could run code when loaded and is refused. ``extra_files`` (e.g. the split's word lists,
+        too long for the manifest) are stored and checksummed with them.
         """
+        extra = dict(extra_files or {})
+        for name in extra:
+            if not re.fullmatch(r"[a-z0-9][a-z0-9_.-]{0,63}\.(json|csv|txt)", name) or name in (*FILES, MANIFEST):
+                raise InvalidArgument(f"extra adapter file name {name!r} is not allowed")
         target = self.path(adapter_id)
         source = Path(source)
         missing = [n for n in FILES if not (source / n).is_file()]
@@ -109,6 +115,9 @@ class AdapterStore:
             files = {}
             for name in FILES:
                 shutil.copyfile(source / name, tmp / name)
+            for name, data in extra.items():
+                (tmp / name).write_bytes(data)
+            for name in (*FILES, *extra):
                 with open(tmp / name, "rb") as f:
                     os.fsync(f.fileno())
                 files[name] = FileEntry(size=(tmp / name).stat().st_size, sha256=sha256_file(tmp / name))
@@ -142,7 +151,7 @@ class AdapterStore:
             manifest = AdapterManifest.model_validate(json.loads((path / MANIFEST).read_text()))
         except (OSError, ValueError, ValidationError) as exc:
             raise FailedPrecondition(f"adapter {adapter_id!r}: manifest missing or unreadable ({exc})") from exc
-        if manifest.id != adapter_id or manifest.format != FORMAT or set(manifest.files) != set(FILES):
+        if manifest.id != adapter_id or manifest.format != FORMAT or not set(FILES) <= set(manifest.files):
             raise FailedPrecondition(f"adapter {adapter_id!r}: manifest does not describe this entry")
         for name, entry in manifest.files.items():
             try:

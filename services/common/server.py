@@ -125,8 +125,13 @@ async def serve(
     *,
     ready: Callable[[], Awaitable[None]] | None = None,
     started: asyncio.Event | None = None,
+    on_stop: Callable[[], Awaitable[None]] | None = None,
 ) -> None:
-    """Run a service until SIGTERM/SIGINT, then drain for ``settings.grace_seconds``."""
+    """Run a service until SIGTERM/SIGINT, then drain for ``settings.grace_seconds``.
+
+    ``on_stop`` runs once the server has stopped: background work (the trainer's job runner)
+    winds down there, after the last RPC.
+    """
     configure_logging(service_name, settings.log_level)
     running = await start_server(settings, add_servicers)
     loop = asyncio.get_running_loop()
@@ -162,6 +167,8 @@ async def serve(
         for signum in signals:
             loop.remove_signal_handler(signum)
         await (stopping[0] if stopping else running.shutdown(0))
+        if on_stop is not None:
+            await on_stop()
     if readiness.done() and not readiness.cancelled():
         readiness.result()  # re-raise a failed ``ready`` so the process exits non-zero
 
