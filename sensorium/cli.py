@@ -328,6 +328,116 @@ def _extract_parser(sub: argparse._SubParsersAction) -> None:
     nearest.set_defaults(run=cmd_nearest)
 
 
+# ---- the trainer ---------------------------------------------------------------------------------
+
+DEFAULT_TRAINER = "127.0.0.1:50053"
+
+
+def _trainer(args: argparse.Namespace):
+    from sensorium.client import TrainerClient
+
+    return TrainerClient(args.server, token=args.token, tls_ca_file=args.tls_ca)
+
+
+def _job(job) -> dict[str, Any]:
+    from sensorium.v1 import trainer_pb2 as tpb
+
+    return {"id": job.id, "state": tpb.JobState.Name(job.state).removeprefix("JOB_STATE_").lower(),
+            "adapter_id": job.adapter_id, "step": job.step, "total_steps": job.total_steps,
+            "created": job.created, "started": job.started, "finished": job.finished, "error": job.error,
+            "metrics": dict(job.metrics), "attempts": job.attempts, "resumed_from_step": job.resumed_from_step}
+
+
+def _spec_text(path: str) -> str:
+    """A spec file in YAML or JSON, sent to the trainer as JSON (the trainer validates it)."""
+    import yaml
+
+    try:
+        data = yaml.safe_load(Path(path).read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, yaml.YAMLError) as exc:
+        raise InvalidArgument(f"cannot read spec {path}: {exc}") from exc
+    return json.dumps(data)
+
+
+def cmd_train_submit(args: argparse.Namespace) -> dict:
+    with _trainer(args) as client:
+        reply = client.submit(_spec_text(args.spec), idempotency_key=args.key, adapter_id=args.adapter_id,
+                              validate_only=args.validate_only)
+        out: dict[str, Any] = {"train_examples": reply.train_examples, "validation_examples": reply.validation_examples,
+                               "test_examples": reply.test_examples, "split_digest": reply.split_digest,
+                               "total_steps": reply.total_steps}
+        if args.validate_only:
+            return {"valid": True, **out}
+        out.update(created=reply.created, job=_job(reply.job))
+        if args.wait:
+            with _ProgressBar() as bar:
+                def show(event) -> None:
+                    if event.total_steps:
+                        bar.update(f"{reply.job.id} {event.kind} loss={event.loss:.4f}", event.step, event.total_steps)
+
+                out["job"] = _job(client.wait(reply.job.id, on_event=show))
+        return out
+
+
+def cmd_train_jobs(args: argparse.Namespace) -> dict:
+    with _trainer(args) as client:
+        if args.id:
+            return {"jobs": [_job(client.job(args.id))]}
+        return {"jobs": [_job(j) for j in client.jobs(limit=args.limit)]}
+
+
+def cmd_train_watch(args: argparse.Namespace) -> dict:
+    """Events as JSON lines while the job runs; the final job as the last line."""
+    with _trainer(args) as client:
+        def show(event) -> None:
+            print(json.dumps(_clean({"seq": event.seq, "kind": event.kind, "step": event.step,
+                                     "total_steps": event.total_steps, "loss": event.loss,
+                                     "metrics": dict(event.metrics), "eta_seconds": event.eta_seconds,
+                                     "message": event.message})), flush=True)
+
+        return {"job": _job(client.wait(args.id, on_event=show))}
+
+
+def cmd_train_cancel(args: argparse.Namespace) -> dict:
+    with _trainer(args) as client:
+        return {"job": _job(client.cancel(args.id))}
+
+
+def _train_parser(sub: argparse._SubParsersAction) -> None:
+    train = sub.add_parser("train", help="fine-tuning jobs on a running trainer")
+    kinds = train.add_subparsers(dest="what", required=True)
+
+    def common(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--server", default=DEFAULT_TRAINER, help=f"trainer address (default {DEFAULT_TRAINER})")
+        p.add_argument("--token", help="bearer token")
+        p.add_argument("--tls-ca", help="CA bundle to reach the server over TLS")
+
+    submit = kinds.add_parser("submit", help="queue a job from a spec file (YAML or JSON)")
+    common(submit)
+    submit.add_argument("spec")
+    submit.add_argument("--key", default="", help="idempotency key: resubmitting returns the same job")
+    submit.add_argument("--adapter-id", default="", help="id of the adapter the job publishes")
+    submit.add_argument("--validate-only", action="store_true", help="check the spec and report the plan only")
+    submit.add_argument("--wait", action="store_true", help="follow the job to its end")
+    submit.set_defaults(run=cmd_train_submit)
+
+    jobs = kinds.add_parser("jobs", help="list jobs, newest first, or show one")
+    common(jobs)
+    jobs.add_argument("id", nargs="?")
+    jobs.add_argument("--limit", type=int, default=100)
+    jobs.set_defaults(run=cmd_train_jobs)
+
+    watch = kinds.add_parser("watch", help="follow a job's events until it ends")
+    common(watch)
+    watch.add_argument("id")
+    watch.set_defaults(run=cmd_train_watch)
+
+    cancel = kinds.add_parser("cancel", help="cancel a queued or running job")
+    common(cancel)
+    cancel.add_argument("id")
+    cancel.set_defaults(run=cmd_train_cancel)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="sensorium", description="Human vs model sensorimotor representations.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -363,6 +473,7 @@ def build_parser() -> argparse.ArgumentParser:
     common(words, with_b=True)
     words.set_defaults(run=cmd_words)
     _extract_parser(sub)
+    _train_parser(sub)
     return parser
 
 

@@ -37,14 +37,15 @@ def test_extractor_example_runs(tmp_path, tiny_model_path, tiny_adapters, capsys
 
 def test_every_setting_is_documented() -> None:
     from services.extractor.settings import ExtractorSettings
+    from services.trainer.settings import TrainerSettings
 
     for env, _, _ in settings_env_table(AnalyzerSettings):
         assert f"`{env}`" in README, f"{env} is missing from the README settings table"
     common = {name.upper() for name in ServiceSettings.model_fields}
-    for env, _, _ in settings_env_table(ExtractorSettings):
-        short = env.removeprefix("SENSORIUM_EXTRACTOR_")
-        documented = f"`{env}`" in README or short in common
-        assert documented, f"{env} is missing from the README"
+    for cls, prefix in ((ExtractorSettings, "SENSORIUM_EXTRACTOR_"), (TrainerSettings, "SENSORIUM_TRAINER_")):
+        for env, _, _ in settings_env_table(cls):
+            documented = f"`{env}`" in README or env.removeprefix(prefix) in common
+            assert documented, f"{env} is missing from the README"
     assert make_commands_first()
 
 

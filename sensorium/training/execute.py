@@ -27,6 +27,8 @@ from sensorium.training.spec import TrainingSpec
 logger = logging.getLogger(__name__)
 
 PERCEPTUALQA = "perceptualqa"
+# The loop's own start and end are steps inside a job's life, named apart from the job's.
+LOOP_KINDS = {"started": "training", "finished": "trained"}
 
 
 class DataCatalog:
@@ -134,9 +136,9 @@ class TrainingJobs:
                       if getattr(event, k, None) is not None}
             if getattr(event, "message", ""):
                 fields["message"] = event.message
-            if event.kind == "started" and getattr(event, "step", 0):
+            if event.kind == "started" and event.step:
                 fields["resumed_from_step"] = event.step
-            record(event.kind, fields)
+            record(LOOP_KINDS.get(event.kind, event.kind), fields)
 
         result = train(spec, model_dir, data, workdir, on_event=on_event, should_stop=should_stop,
                        device=self.device)
