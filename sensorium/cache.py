@@ -97,16 +97,17 @@ class VectorCache:
         """The cached vectors of ``words`` and the words that still have to be computed."""
         with self._lock:
             entry = self._spaces.get(space.digest)
+            ids = entry.ids if entry is not None else {}
+            found = [w for w in words if w in ids]
+            misses = [w for w in words if w not in ids]
             hits: dict[str, np.ndarray] = {}
-            misses: list[str] = []
-            for word in words:
-                vid = entry.ids.get(word) if entry else None
-                if vid is None:
-                    misses.append(word)
-                    continue
-                hits[word] = entry.index.reconstruct(vid)
-                self._tick += 1
-                entry.used[word] = self._tick
+            if found:
+                # One batched reconstruction per call: a cache hit of a whole request is tens of
+                # thousands of vectors, and one FAISS call per vector cost more than the stream.
+                rows = entry.index.reconstruct_batch(np.fromiter((ids[w] for w in found), np.int64, len(found)))
+                hits = dict(zip(found, rows))
+                entry.used.update(zip(found, range(self._tick + 1, self._tick + 1 + len(found))))
+                self._tick += len(found)
             self.stats.hits += len(hits)
             self.stats.misses += len(misses)
             return hits, misses
@@ -155,7 +156,7 @@ class VectorCache:
                 if q.shape[1] != entry.dim:
                     raise InvalidArgument(f"query of width {q.shape[1]} for a space of width {entry.dim}")
             words = list(entry.ids)
-            base = np.stack([entry.index.reconstruct(entry.ids[w]) for w in words])
+            base = entry.index.reconstruct_batch(np.fromiter(entry.ids.values(), np.int64, len(words)))
         # cosine = inner product of unit vectors; zero vectors have no direction and are skipped
         q = q.copy()
         faiss.normalize_L2(q)

@@ -147,3 +147,37 @@ def tiny_adapters(tiny_model_path: Path) -> list[str]:
     publish_lora(tiny_model_path, store, "tiny-b", seed=2, layers=[1])
     publish_lora(tiny_model_path, store, "foreign", seed=3, base_model="other", base_digest="0" * 64)
     return ["tiny-a", "tiny-b"]
+
+
+# ---- the embedded default model (SmolLM2-135M-Instruct), converted once per run -------------
+from typing import TYPE_CHECKING, Any  # noqa: E402
+
+if TYPE_CHECKING:
+    from sensorium.models import ModelStore
+
+
+@pytest.fixture(scope="session")
+def smollm2_store(tmp_path_factory: pytest.TempPathFactory) -> ModelStore:
+    """One model store for the whole run: converting the GGUF takes tens of seconds, so the first
+    test that needs SmolLM2 pays for it and every later one reuses the entry, whether it loads the
+    model in this process or points a served extractor at ``store.root`` (MODELS_DIR)."""
+    from sensorium.models import ModelStore
+
+    return ModelStore(tmp_path_factory.mktemp("smollm2") / "store")
+
+
+def unbatched_rating(model: Any, tokenizer: Any, prompt: str) -> tuple[float, float]:
+    """The expected rating and the digit mass of one prompt from its own forward pass.
+
+    The definition the batched, prefix-reusing computation must reproduce: no padding, no shared
+    key/value cache, the answer tokens looked up here rather than through ``sensorium.ratings``.
+    Returns (sum(p_d * d) / sum(p_d), sum(p_d)) over the digits d = 0..5 under the full softmax.
+    """
+    import torch
+
+    digits = [tokenizer.encode(str(d), add_special_tokens=False) for d in range(6)]
+    assert all(len(ids) == 1 for ids in digits), digits
+    input_ids = tokenizer(prompt, return_tensors="pt")["input_ids"]
+    with torch.inference_mode():
+        p = torch.softmax(model(input_ids).logits[0, -1].double(), -1)[[ids[0] for ids in digits]]
+    return float((p / p.sum()) @ torch.arange(6.0, dtype=torch.float64)), float(p.sum())

@@ -83,6 +83,21 @@ def test_bounded_with_least_recently_used_eviction() -> None:
     assert sorted(misses) == ["b", "c"] and "a" in hits
 
 
+def test_lookups_after_evictions_return_each_words_own_vector() -> None:
+    # Removing ids shifts the rows of the flat index: lookups must still go by id, not by row.
+    cache = VectorCache(None, max_vectors=6)
+    words = [f"w{i}" for i in range(10)]
+    v = vectors(10, seed=7)
+    cache.put_many(SPACE, words[:6], v[:6])
+    cache.get_many(SPACE, ["w0", "w2", "w4"])
+    cache.put_many(SPACE, words[6:], v[6:])
+    hits, misses = cache.get_many(SPACE, words[::-1])
+    assert sorted(misses) == ["w0", "w1", "w3", "w5"]  # the four least recently used
+    for w in hits:
+        assert np.array_equal(hits[w], v[int(w[1:])]), w
+    assert [w for w, _ in cache.nearest(SPACE, v[8], k=1)] == ["w8"]
+
+
 def test_nearest_by_cosine_matches_brute_force() -> None:
     cache = VectorCache(None)
     v = vectors(50, d=8, seed=5)

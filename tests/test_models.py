@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 
+from conftest import unbatched_rating
 from sensorium.errors import FailedPrecondition, InvalidArgument, NotFound, validated
 from sensorium.models import (
     DEFAULT_MODEL,
@@ -246,10 +247,7 @@ def test_failed_conversion_leaves_nothing_visible(fake_gguf: Path, tmp_path: Pat
 # ---- the real default model --------------------------------------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def smollm2_store(tmp_path_factory: pytest.TempPathFactory) -> ModelStore:
-    """One store for the module: the first test converts, later ones reuse the entry."""
-    return ModelStore(tmp_path_factory.mktemp("smollm2") / "store")
+# ``smollm2_store`` (conftest) is shared by the session: whichever test comes first converts.
 
 
 @pytest.mark.slow
@@ -289,10 +287,8 @@ def test_smollm2_gguf_converts_once(smollm2_store: ModelStore) -> None:
 
 @pytest.mark.slow
 def test_smollm2_expected_rating_equals_one_unbatched_forward_pass(smollm2_store: ModelStore) -> None:
-    import torch
-
     from sensorium.prompts import chat_prompt, default_template
-    from sensorium.ratings import answer_token_ids, rate
+    from sensorium.ratings import rate
 
     loaded = ModelRegistry.default(smollm2_store).load(DEFAULT_MODEL)
     model, tokenizer = loaded.model, loaded.tokenizer
@@ -301,12 +297,9 @@ def test_smollm2_expected_rating_equals_one_unbatched_forward_pass(smollm2_store
     words = ["lemon", "thunder", "chair"]
     got = rate(model, tokenizer, words, prompt, batch_size=3, max_new_tokens=4)
     assert got.prefix_reused.all()
-    ids = answer_token_ids(tokenizer)
     for i, word in enumerate(words):
-        enc = tokenizer(prompt(word), return_tensors="pt")
-        with torch.inference_mode():
-            p = torch.softmax(model(**enc).logits[0, -1].float(), -1)[ids].double()
-        assert got.expected[i] == pytest.approx(float((p / p.sum()) @ torch.arange(6.0, dtype=torch.float64)), abs=1e-4)
-        assert got.mass[i] == pytest.approx(float(p.sum()), abs=1e-5)
+        expected, mass = unbatched_rating(model, tokenizer, prompt(word))
+        assert got.expected[i] == pytest.approx(expected, abs=1e-4)
+        assert got.mass[i] == pytest.approx(mass, abs=1e-5)
     # the base model answers in words as often as in digits: unparseable answers are reported
     assert len(got.answers) == 3 and all(isinstance(a, str) for a in got.answers)
