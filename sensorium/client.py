@@ -169,15 +169,19 @@ class ExtractorClient(_Base):
                                      adapter=adapter)
         if template is not None:
             request.template.CopyFrom(epb.TemplateRef(language=template[0], dimension=template[1]))
-        parts: dict[int, dict[int, np.ndarray]] = {}
+        # each chunk is copied once, straight into its rows: a cache hit of 1,000 words x 31 layers
+        # is 70 MB, and casting or concatenating it costs as much as receiving it
+        layers_out: dict[int, np.ndarray] = {}
         cached, model_digest, template_digest, adapter_digest = 0, "", "", ""
         for chunk in self.stub.Extract(request, metadata=self.metadata, timeout=self.timeout):
-            parts.setdefault(chunk.layer, {})[chunk.first_word_index] = \
-                wire.matrix_from_proto(chunk.vectors, "vectors").astype(np.float32)
+            block = wire.matrix_from_proto(chunk.vectors, "vectors", np.float32)
+            if chunk.layer not in layers_out:
+                layers_out[chunk.layer] = np.empty((len(words), block.shape[1]), np.float32)
+            layers_out[chunk.layer][chunk.first_word_index:chunk.first_word_index + block.shape[0]] = block
             cached += chunk.from_cache
             model_digest, template_digest, adapter_digest = chunk.model_digest, chunk.template_digest, \
                 chunk.adapter_digest
-        layers_out = {layer: np.concatenate([p[k] for k in sorted(p)]) for layer, p in sorted(parts.items())}
+        layers_out = dict(sorted(layers_out.items()))
         return Activations(list(words), layers_out, cached, model_digest, template_digest, adapter_digest)
 
     def nearest(self, model: str, layer: int, query: str | np.ndarray, k: int = 10, pooling: str = "last",

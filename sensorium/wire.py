@@ -53,13 +53,15 @@ def matrix_to_proto(x: np.ndarray, dtype: str = "float64") -> cpb.Matrix:
                       dtype=cpb.DTYPE_FLOAT32 if dtype == "float32" else cpb.DTYPE_FLOAT64)
 
 
-def matrix_from_proto(m: cpb.Matrix, what: str) -> np.ndarray:
+def matrix_from_proto(m: cpb.Matrix, what: str, as_dtype: np.dtype | type = np.float64) -> np.ndarray:
+    """The matrix as ``as_dtype`` (float64 for statistics); a read-only view when no cast is needed."""
     dt = np.dtype(_enum(_DTYPES, m.dtype, f"{what} dtype"))
     expected = m.rows * m.cols * dt.itemsize
     if len(m.data) != expected:
         raise InvalidArgument(f"{what}: {len(m.data)} bytes for a {m.rows} x {m.cols} {dt.name} matrix "
                               f"(expected {expected})")
-    return np.frombuffer(m.data, dtype=dt).astype(np.float64).reshape(m.rows, m.cols)
+    out = np.frombuffer(m.data, dtype=dt).reshape(m.rows, m.cols)
+    return out if out.dtype == np.dtype(as_dtype) else out.astype(as_dtype)
 
 
 def representations_from_proto(msg: apb.Representations,

@@ -112,3 +112,19 @@ def test_greedy_answers_equal_generate_one_prompt_at_a_time(tiny, reuse: bool) -
         expected = tokenizer.decode(out[0, enc["input_ids"].shape[1]:], skip_special_tokens=True)
         assert got.answers[i] == expected, word
         assert got.parsed[i] == parse_rating(expected)
+
+
+def test_ratings_never_read_uninitialised_memory(tiny, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every fresh buffer holds NaN here; a result that touched one unwritten slot would be NaN."""
+    import torch
+
+    model, tokenizer = tiny
+    template = default_template("en", "visual")
+    prompt = lambda w: chat_prompt(template.render(w), tokenizer)  # noqa: E731
+    want = rate(model, tokenizer, WORDS, prompt, batch_size=4, max_new_tokens=3)
+    empty = torch.empty
+    monkeypatch.setattr(torch, "empty", lambda *a, **k: empty(*a, **k).fill_(float("nan")))
+    got = rate(model, tokenizer, WORDS, prompt, batch_size=4, max_new_tokens=3)
+    assert np.isfinite(got.expected).all() and np.isfinite(got.mass).all()
+    np.testing.assert_allclose(got.expected, want.expected, atol=1e-6)
+    assert got.answers == want.answers
