@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 PROTOS := $(wildcard proto/sensorium/v1/*.proto)
 STUBS := $(patsubst proto/%.proto,%_pb2.py,$(PROTOS))
 
-.PHONY: setup proto test test-gpu demo bench bench-env snapshot clean
+.PHONY: setup proto test test-gpu demo bench bench-env bench-models snapshot clean
 
 setup: $(VENV)/.installed proto
 
@@ -44,6 +44,12 @@ bench-env: .venv-bench/.installed
 bench: setup bench-env
 	$(PY) bench/bench_rsa_bootstrap.py
 	.venv-bench/bin/python bench/bench_rsa_large.py
+
+# The model benches (SmolLM2 on 2 threads): minutes each, on a quiet machine.
+bench-models: setup
+	$(PY) bench/bench_rating_throughput.py
+	$(PY) bench/bench_cache_hit.py
+	$(PY) bench/bench_training.py
 
 # Accept the current contract as the new stability baseline (after a deliberate, additive change).
 snapshot: setup
