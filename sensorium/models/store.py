@@ -37,7 +37,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, field_validator
 
 from sensorium.errors import FailedPrecondition, InvalidArgument, NotFound, SensoriumError
-from sensorium.storage import atomic_write_json, sha256_bytes, sha256_file
+from sensorium.storage import atomic_write_json, fsync_path, sha256_bytes, sha256_file
 
 logger = logging.getLogger(__name__)
 
@@ -227,14 +227,6 @@ def _versions() -> dict[str, str | None]:
     return out
 
 
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def _timestamp() -> str:
     return datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")
 
@@ -405,7 +397,7 @@ class ModelStore:
                 os.chmod(path, 0o644)
             os.chmod(tmp, 0o755)
             os.rename(tmp, target)
-            _fsync_dir(self.root)
+            fsync_path(self.root)
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise

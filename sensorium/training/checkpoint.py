@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from sensorium.storage import sha256_file
+from sensorium.storage import fsync_path, sha256_file
 
 if TYPE_CHECKING:
     import torch
@@ -113,14 +113,6 @@ def _join_optimizer(tensors: Mapping[str, torch.Tensor], meta: Mapping[str, Any]
 
 
 # ---- writing -------------------------------------------------------------------------------------
-def _fsync(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def _save_tensors(path: Path, tensors: Mapping[str, torch.Tensor]) -> None:
     from safetensors.torch import save_file
 
@@ -154,7 +146,7 @@ def save(directory: Path, step: int, *, adapter: Mapping[str, torch.Tensor], opt
             _save_tensors(tmp / BEST_ADAPTER, best_adapter)
         files = {}
         for p in sorted(tmp.iterdir()):
-            _fsync(p)
+            fsync_path(p)
             files[p.name] = {"size": p.stat().st_size, "sha256": sha256_file(p)}
         body = {"format": FORMAT, "step": step, "files": files, "state": dict(state), "scheduler": dict(scheduler),
                 "optimizer": optimizer_meta, "rng": {k: v for k, v in rng.items() if k != "tensors"}}
@@ -162,7 +154,7 @@ def save(directory: Path, step: int, *, adapter: Mapping[str, torch.Tensor], opt
             json.dump(body, f, sort_keys=True, allow_nan=True)
             f.flush()
             os.fsync(f.fileno())
-        _fsync(tmp)
+        fsync_path(tmp)
         if target.exists():  # re-saving a step after falling back past it: replace, never merge
             aside = Path(tempfile.mkdtemp(prefix=f".{target.name}.old-", dir=directory))
             os.rename(target, aside / target.name)
@@ -170,7 +162,7 @@ def save(directory: Path, step: int, *, adapter: Mapping[str, torch.Tensor], opt
             shutil.rmtree(aside, ignore_errors=True)
         else:
             os.rename(tmp, target)
-        _fsync(directory)
+        fsync_path(directory)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
