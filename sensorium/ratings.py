@@ -87,6 +87,8 @@ def _shared_head(tokenizer: Any, prefix: str, full: list[list[int]]) -> tuple[li
     """
     candidates = [prefix, prefix.rstrip(), prefix[: prefix.rfind("\n") + 1]]
     best: tuple[list[int], np.ndarray] = ([], np.zeros(len(full), bool))
+    if not full:
+        return best
     for text in dict.fromkeys(c for c in candidates if c):
         head = tokenizer(text, add_special_tokens=True)["input_ids"]
         ok = np.array([f[:len(head)] == head and len(f) > len(head) for f in full])
