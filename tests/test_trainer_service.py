@@ -31,10 +31,25 @@ SPEC = {
 }
 
 
+def choice_files(folder: Path) -> dict[str, str]:
+    """A PerceptualQA-shaped item set, already split: 24 training and 8 test items in two subtasks."""
+    folder.mkdir(parents=True, exist_ok=True)
+    words = ["apple", "music", "bread", "stone", "honey", "drum", "snow", "fire"]
+    items = [{"index": 1000 * (1 + i % 2) + i, "question": f"Which is loudest, given {words[i % 8]}?",
+              "options": {k: words[(i + j) % 8] for j, k in enumerate("ABCD")}, "correct_option": "ABCD"[i % 4]}
+             for i in range(32)]
+    paths = {}
+    for part, chunk in (("train", items[:24]), ("test", items[24:])):
+        paths[part] = str(folder / f"{part}.json")
+        Path(paths[part]).write_text(json.dumps(chunk), encoding="utf-8")
+    return paths
+
+
 def trainer_env(model_path: Path, adapters: Path) -> dict[str, str]:
     spec = {"name": "tiny", "source": {"path": str(model_path)}, "device": "cpu"}
     return {"SENSORIUM_TRAINER_MODELS": json.dumps({"tiny": spec}), "SENSORIUM_TRAINER_ADAPTERS_DIR": str(adapters),
-            "SENSORIUM_TRAINER_DEVICE": "cpu"}
+            "SENSORIUM_TRAINER_DEVICE": "cpu",
+            "SENSORIUM_TRAINER_CHOICE_ITEMS": json.dumps({"mini-qa": choice_files(adapters.parent / "qa")})}
 
 
 @pytest.fixture(scope="module")
@@ -89,6 +104,32 @@ def test_unknown_job_and_bad_adapter_id(client: TrainerClient) -> None:
     with pytest.raises(grpc.RpcError) as info:
         client.submit(SPEC, adapter_id="../../etc")
     assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+
+
+CHOICE = {"base_model": "tiny", "task": "choice", "objective": "text", "data": {"choice_items": "mini-qa"},
+          "lora": {"r": 4, "alpha": 8}, "optim": {"max_steps": 4, "batch_size": 4, "micro_batch_size": 4},
+          "eval": {"every_steps": 2}, "seed": 0}
+
+
+def test_a_multiple_choice_job_reports_accuracy_per_subtask(client: TrainerClient, workspace: Path) -> None:
+    plan = client.submit(CHOICE, validate_only=True)
+    assert plan.total_steps == 4 and plan.train_examples + plan.validation_examples == 24
+    with pytest.raises(grpc.RpcError) as info:
+        client.submit({**CHOICE, "data": {"choice_items": "nope"}}, validate_only=True)
+    assert info.value.code() == grpc.StatusCode.NOT_FOUND and "mini-qa" in info.value.details()
+    with pytest.raises(grpc.RpcError) as info:
+        client.submit({**CHOICE, "objective": "distribution"}, validate_only=True)
+    assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "objective" in info.value.details()
+
+    job = client.submit(CHOICE, adapter_id="tiny-qa").job
+    done = client.wait(job.id, timeout=300)
+    assert done.state == tpb.JOB_STATE_SUCCEEDED, done.error
+    assert {"test_accuracy", "test_accuracy_1", "test_accuracy_2"} <= set(done.metrics)
+    assert all(0 <= done.metrics[k] <= 1 for k in done.metrics if "accuracy" in k)
+    from sensorium.models.adapters import AdapterStore
+
+    training = AdapterStore(workspace / "adapters").manifest("tiny-qa", verify=True).training
+    assert training["spec"]["task"] == "choice" and training["metrics"] == pytest.approx(dict(done.metrics))
 
 
 def test_readme_example_runs(trainer: ServiceProcess, workspace: Path, tiny_model_path: Path, capsys) -> None:
