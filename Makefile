@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 PROTOS := $(wildcard proto/sensorium/v1/*.proto)
 STUBS := $(patsubst proto/%.proto,%_pb2.py,$(PROTOS))
 
-.PHONY: setup proto test test-gpu demo bench bench-env bench-models snapshot clean
+.PHONY: setup proto test test-gpu demo bench bench-env bench-models bench-gpu snapshot clean
 
 setup: $(VENV)/.installed proto
 
@@ -50,6 +50,10 @@ bench-models: setup
 	$(PY) bench/bench_rating_throughput.py
 	$(PY) bench/bench_cache_hit.py
 	$(PY) bench/bench_training.py
+
+# CUDA machines only: bfloat16 training throughput and model FLOPs utilisation.
+bench-gpu: setup
+	$(PY) bench/bench_training_gpu.py
 
 # Accept the current contract as the new stability baseline (after a deliberate, additive change).
 snapshot: setup

@@ -41,7 +41,7 @@ def examples(n: int):
     return TrainingData("rating", made, [], [], Split("random", 0, keys, (), ()), norms.dimensions, "en")
 
 
-def run_trainer(model_dir: Path, data: Any, spec: Any) -> tuple[float, int]:
+def run_trainer(model_dir: Path, data: Any, spec: Any, device: str = "cpu", bf16: bool = False) -> tuple[float, int]:
     """(seconds, tokens) of ``transformers.Trainer`` on the text objective."""
     import torch
     from peft import LoraConfig
@@ -50,7 +50,7 @@ def run_trainer(model_dir: Path, data: Any, spec: Any) -> tuple[float, int]:
     from sensorium.prompts import chat_prompt
 
     tok = AutoTokenizer.from_pretrained(model_dir)
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).to(device)
     torch.manual_seed(spec.seed)
     lora = spec.lora
     model.add_adapter(LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
@@ -75,7 +75,7 @@ def run_trainer(model_dir: Path, data: Any, spec: Any) -> tuple[float, int]:
             gradient_accumulation_steps=optim.accumulation, learning_rate=optim.learning_rate,
             max_steps=optim.max_steps, lr_scheduler_type="linear", warmup_steps=optim.warmup_steps,
             weight_decay=optim.weight_decay, max_grad_norm=optim.max_grad_norm, logging_strategy="no",
-            save_strategy="no", report_to=[], use_cpu=True, dataloader_num_workers=0, seed=spec.seed,
+            save_strategy="no", report_to=[], use_cpu=device == "cpu", bf16=bf16, dataloader_num_workers=0, seed=spec.seed,
             disable_tqdm=True, remove_unused_columns=False)
         trainer = Trainer(model=model, args=args, train_dataset=rows, data_collator=counting)
         t0 = time.perf_counter()
@@ -83,7 +83,7 @@ def run_trainer(model_dir: Path, data: Any, spec: Any) -> tuple[float, int]:
         return time.perf_counter() - t0, seen[0]
 
 
-def run_sensorium(model_dir: Path, data: Any, spec: Any, reuse: bool = True) -> tuple[float, int]:
+def run_sensorium(model_dir: Path, data: Any, spec: Any, reuse: bool = True, device: str = "cpu") -> tuple[float, int]:
     """(seconds, tokens) of one whole ``train()`` call; ``reuse=False`` recomputes the frozen blocks every step."""
     from sensorium.training.loop import batch_rows, train
     from sensorium.training.objectives import encode
@@ -96,7 +96,7 @@ def run_sensorium(model_dir: Path, data: Any, spec: Any, reuse: bool = True) -> 
                  for r in batch_rows(spec.seed, s, len(data.train), spec.optim.batch_size))
     with tempfile.TemporaryDirectory() as work:
         t0 = time.perf_counter()
-        result = train(spec, model_dir, data, Path(work), device="cpu", reuse=reuse)
+        result = train(spec, model_dir, data, Path(work), device=device, reuse=reuse)
         seconds = time.perf_counter() - t0
     assert result.steps == spec.optim.max_steps
     return seconds, tokens
