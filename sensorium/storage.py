@@ -8,11 +8,25 @@ tell a damaged file from a good one instead of serving it.
 from __future__ import annotations
 
 import hashlib
+import importlib.metadata
 import json
 import os
+import platform
 import tempfile
 from pathlib import Path
+from collections.abc import Iterable
 from typing import Any
+
+
+def library_versions(libraries: Iterable[str]) -> dict[str, str | None]:
+    """Python's version and each installed library's (None where absent), for a stored record's provenance."""
+    out: dict[str, str | None] = {"python": platform.python_version()}
+    for lib in libraries:
+        try:
+            out[lib] = importlib.metadata.version(lib)
+        except importlib.metadata.PackageNotFoundError:
+            out[lib] = None
+    return out
 
 
 def sha256_bytes(data: bytes) -> str:

@@ -130,6 +130,7 @@ def test_a_multiple_choice_job_reports_accuracy_per_subtask(client: TrainerClien
 
     training = AdapterStore(workspace / "adapters").manifest("tiny-qa", verify=True).training
     assert training["spec"]["task"] == "choice" and training["metrics"] == pytest.approx(dict(done.metrics))
+    assert training["libraries"]["peft"] and training["libraries"]["torch"]
 
 
 def test_readme_example_runs(trainer: ServiceProcess, workspace: Path, tiny_model_path: Path, capsys) -> None:

@@ -16,12 +16,10 @@ is never trusted: a model directory is data, not a program.
 from __future__ import annotations
 
 import fcntl
-import importlib.metadata
 import importlib.util
 import json
 import logging
 import os
-import platform
 import re
 import shutil
 import tempfile
@@ -37,7 +35,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, field_validator
 
 from sensorium.errors import FailedPrecondition, InvalidArgument, NotFound, SensoriumError
-from sensorium.storage import atomic_write_json, fsync_path, sha256_bytes, sha256_file
+from sensorium.storage import atomic_write_json, fsync_path, library_versions, sha256_bytes, sha256_file
 
 logger = logging.getLogger(__name__)
 
@@ -217,16 +215,6 @@ def check_model_dir(path: Path) -> None:
     raise FailedPrecondition(f"{path} has no safetensors weights")
 
 
-def _versions() -> dict[str, str | None]:
-    out: dict[str, str | None] = {"python": platform.python_version()}
-    for lib in CONVERSION_LIBRARIES:
-        try:
-            out[lib] = importlib.metadata.version(lib)
-        except importlib.metadata.PackageNotFoundError:
-            out[lib] = None
-    return out
-
-
 def _timestamp() -> str:
     return datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")
 
@@ -389,7 +377,7 @@ class ModelStore:
                 "created": datetime.now(UTC).isoformat(timespec="seconds"),
                 "source": {**source, "path": str(gguf), "size": stat.st_size, "mtime_ns": stat.st_mtime_ns,
                            "sha256": gguf_sha},
-                "libraries": _versions(),
+                "libraries": library_versions(CONVERSION_LIBRARIES),
                 "files": files,
                 "digest": _digest_of({n: m["sha256"] for n, m in files.items()}),
             })

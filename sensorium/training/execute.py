@@ -21,6 +21,7 @@ from typing import Any
 from sensorium.errors import FailedPrecondition, NotFound
 from sensorium.models.adapters import AdapterStore
 from sensorium.models.store import ModelRegistry
+from sensorium.storage import library_versions
 from sensorium.training.jobs import Job
 from sensorium.training.spec import TrainingSpec
 
@@ -29,6 +30,8 @@ logger = logging.getLogger(__name__)
 PERCEPTUALQA = "perceptualqa"
 # The loop's own start and end are steps inside a job's life, named apart from the job's.
 LOOP_KINDS = {"started": "training", "finished": "trained"}
+# recorded in each adapter's manifest: what produced it
+TRAINING_LIBRARIES = ("sensorium", "torch", "transformers", "peft", "safetensors", "numpy")
 
 
 class DataCatalog:
@@ -155,6 +158,7 @@ class TrainingJobs:
                                                                    "test": len(data.split.test)}},
             "examples": {"train": len(data.train), "validation": len(data.validation), "test": len(data.test)},
             "steps": result.steps, "seconds": round(result.seconds, 3), "metrics": metrics,
+            "libraries": library_versions(TRAINING_LIBRARIES),
         }
         split = json.dumps(data.split.to_json(), sort_keys=True).encode()
         manifest = self.adapters.publish(job.adapter_id, Path(result.adapter_dir), base_model=spec.base_model,
