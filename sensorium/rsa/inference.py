@@ -10,6 +10,7 @@ The result equals recomputing ``RDM[b][:, b]`` and ranking it, to floating-point
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Callable, Sequence
 
 import numpy as np
@@ -66,12 +67,29 @@ class IndexBootstrap:
         self._self_word = self._i[self._self_pos]
         self._w = np.empty(len(self._i))
         self._wj = np.empty(len(self._i))
-        self.n_models = len(models)
-        values = [ref[self._order]] + [np.concatenate(m)[self._order] for m in models]
+        self._reference = ref[self._order]
         if comparison == "spearman":
-            self._rankers = [WeightedRanks(v) for v in values]
+            self._reference = WeightedRanks(self._reference)
+        self._set_models(models)
+
+    def _set_models(self, models: Sequence[tuple[np.ndarray, np.ndarray]]) -> None:
+        self.n_models = len(models)
+        values = [np.concatenate(m)[self._order] for m in models]
+        if self.comparison == "spearman":
+            self._rankers = [self._reference] + [WeightedRanks(v) for v in values]
         else:
-            self._values = values
+            self._values = [self._reference] + values
+
+    def sharing(self, models: Sequence[tuple[np.ndarray, np.ndarray]]) -> IndexBootstrap:
+        """Other models against the same reference: its sorted layout is reused, not redone.
+
+        Why: a layer-wise analysis bootstraps every layer against one human RDM; sorting that
+        RDM once instead of once per layer saves a sort of n(n+1)/2 values per layer.
+        """
+        other = copy.copy(self)
+        other._w, other._wj = np.empty(len(self._i)), np.empty(len(self._i))
+        other._set_models(models)
+        return other
 
     def _weights(self, counts: np.ndarray) -> np.ndarray:
         w = np.take(counts, self._i, out=self._w)
