@@ -44,6 +44,7 @@ bench-env: .venv-bench/.installed
 bench: setup bench-env
 	$(PY) bench/bench_rsa_bootstrap.py
 	.venv-bench/bin/python bench/bench_rsa_large.py
+	$(PY) bench/bench_layer_rsa.py
 
 # The model benches (SmolLM2 on 2 threads): minutes each, on a quiet machine.
 bench-models: setup

@@ -18,11 +18,14 @@ import numpy as np
 
 from sensorium import wire
 from sensorium.representations import Representations
+from sensorium.probes import ProbeOptions, ProbesReport
 from sensorium.rsa.analysis import DimensionSet, RsaOptions, RsaReport
+from sensorium.rsa.layers import LayerRsaReport
 from sensorium.stats import DimensionsReport, WordsReport
 from sensorium.v1 import analyzer_pb2 as apb
 from sensorium.v1 import analyzer_pb2_grpc as apb_grpc
 from sensorium.v1 import common_pb2 as cpb
+from sensorium.v1 import extractor_pb2 as epb
 
 DEFAULT_MAX_MESSAGE_BYTES = 64 << 20
 
@@ -65,6 +68,15 @@ def _data(reps: Data) -> apb.Representations:
 
 def _pairs(comparisons: list[tuple[str, str]] | None) -> list[cpb.ModelPair]:
     return [cpb.ModelPair(model_a=a, model_b=b) for a, b in comparisons or []]
+
+
+def _source(model: str, variants: dict[str, str] | None, layers: list[int] | None, pooling: str,
+            template: tuple[str, str] | None) -> apb.ActivationSource:
+    source = apb.ActivationSource(model=model, layers=layers or [], pooling=pooling, variants=[
+        apb.LayerModel(name=name, adapter=adapter) for name, adapter in (variants or {}).items()])
+    if template is not None:
+        source.template.CopyFrom(epb.TemplateRef(language=template[0], dimension=template[1]))
+    return source
 
 
 def table_data(table: str, human_columns: list[str], models: dict[str, list[str]],
@@ -110,6 +122,38 @@ class AnalyzerClient(_Base):
             comparisons=_pairs(comparisons),
             include_per_word=include_per_word)
         return wire.from_proto(self._call(self.stub.CompareWords, request), WordsReport)
+
+    def layer_rsa(self, reps: Data, model: str, variants: dict[str, str] | None = None, *,
+                  layers: list[int] | None = None, pooling: str = "last", template: tuple[str, str] | None = None,
+                  dimension_sets: list[DimensionSet] | None = None, comparisons: list[tuple[str, str]] | None = None,
+                  options: RsaOptions | None = None) -> LayerRsaReport:
+        """Layer-wise RSA of ``model`` read through the analyzer's extractor.
+
+        ``variants`` maps a label to an adapter id ("" for the base model); default: the base as "base".
+        """
+        request = apb.LayerRsaRequest(
+            data=_data(reps), activations=_source(model, variants, layers, pooling, template),
+            dimension_sets=[cpb.DimensionSet(name=s.name, features=s.features) for s in dimension_sets or []],
+            comparisons=_pairs(comparisons), options=wire.rsa_options_to_proto(options or RsaOptions()))
+        return wire.from_proto(self._call(self.stub.LayerRsa, request), LayerRsaReport)
+
+    def layer_probes(self, reps: Data, model: str, variants: dict[str, str] | None = None, *,
+                     layers: list[int] | None = None, pooling: str = "last", template: tuple[str, str] | None = None,
+                     dimensions: list[str] | None = None, options: ProbeOptions | None = None,
+                     transfer: Data | None = None, transfer_template: tuple[str, str] | None = None) -> ProbesReport:
+        """Cross-validated ridge probes per layer and dimension; ``transfer``: another language's aligned words."""
+        o = options or ProbeOptions()
+        request = apb.LayerProbesRequest(
+            data=_data(reps), activations=_source(model, variants, layers, pooling, template),
+            dimensions=dimensions or [],
+            options=apb.ProbeOptions(folds=o.folds, alphas=o.alphas, seed=o.seed, no_standardize=not o.standardize,
+                                     no_shuffled_control=not o.shuffled_control))
+        if transfer is not None:
+            request.transfer.CopyFrom(_data(transfer))
+        if transfer_template is not None:
+            request.transfer_template.CopyFrom(epb.TemplateRef(language=transfer_template[0],
+                                                               dimension=transfer_template[1]))
+        return wire.from_proto(self._call(self.stub.LayerProbes, request), ProbesReport)
 
     def register_table(self, name: str, csv: bytes, word_column: str = "", replace: bool = False) -> apb.TableInfo:
         return self._call(self.stub.RegisterTable, apb.RegisterTableRequest(

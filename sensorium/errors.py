@@ -41,6 +41,10 @@ class Unauthenticated(SensoriumError):
     """The caller did not present valid credentials."""
 
 
+class Unavailable(SensoriumError):
+    """A service this one depends on cannot be reached; retrying later may succeed."""
+
+
 def _invalid(model: type[BaseModel], exc: ValidationError) -> InvalidArgument:
     problems = "; ".join(f"{'.'.join(map(str, e['loc'])) or '(root)'}: {e['msg']}" for e in exc.errors())
     return InvalidArgument(f"invalid {model.__name__}: {problems}")

@@ -71,6 +71,7 @@ class LayerRsaReport(BaseModel):
     n_words: int
     n_dropped: int  # words dropped for a missing human value in a feature of any dimension set
     method: str
+    from_cache: int = 0  # (word, layer) vectors an extractor served from its cache, when it was the source
 
 
 @dataclass

@@ -8,13 +8,17 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Callable
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import grpc
+import numpy as np
 
-from sensorium import stats, wire
-from sensorium.representations import Representations
+from sensorium import errors, stats, wire
+from sensorium.client import ExtractorClient
+from sensorium.probes import ProbeOptions, probe_models
+from sensorium.representations import Representations, check_limit
 from sensorium.rsa import run_rsa
+from sensorium.rsa.layers import layer_rsa
 from sensorium.tables import TableStore
 from sensorium.v1 import analyzer_pb2 as apb
 from sensorium.v1 import analyzer_pb2_grpc as apb_grpc
@@ -23,6 +27,30 @@ from services.common.workers import WorkSlots
 
 T = TypeVar("T")
 
+# what an extractor's refusal becomes here: its own status where the caller's request is at
+# fault, FAILED_PRECONDITION where this analyzer's credentials for it are
+_EXTRACTOR_ERRORS: dict[grpc.StatusCode, type[errors.SensoriumError]] = {
+    grpc.StatusCode.INVALID_ARGUMENT: errors.InvalidArgument,
+    grpc.StatusCode.NOT_FOUND: errors.NotFound,
+    grpc.StatusCode.RESOURCE_EXHAUSTED: errors.ResourceExhausted,
+    grpc.StatusCode.FAILED_PRECONDITION: errors.FailedPrecondition,
+    grpc.StatusCode.UNAUTHENTICATED: errors.FailedPrecondition,
+    grpc.StatusCode.PERMISSION_DENIED: errors.FailedPrecondition,
+}
+
+
+def _activation_variants(source: apb.ActivationSource) -> list[tuple[str, str]]:
+    """(label, adapter) of each variant; the base model alone when none are named."""
+    variants = [(v.name.strip(), v.adapter) for v in source.variants] or [("base", "")]
+    labels = [name for name, _ in variants]
+    if any(not name for name in labels):
+        raise errors.InvalidArgument("activations.variants: every variant needs a name")
+    if len(set(labels)) != len(labels):
+        raise errors.InvalidArgument(f"activations.variants: duplicate names in {labels}")
+    if not source.model:
+        raise errors.InvalidArgument("activations.model: name the extractor's model")
+    return variants
+
 
 class AnalyzerServicer(apb_grpc.AnalyzerServicer):
     def __init__(self, settings: AnalyzerSettings) -> None:
@@ -30,6 +58,34 @@ class AnalyzerServicer(apb_grpc.AnalyzerServicer):
         self.limits = settings.limits()
         self.tables = TableStore(settings.data_dir / "tables", settings.max_table_bytes)
         self.slots = WorkSlots("analyzer", settings.workers, settings.max_queued)
+        self.extractor: ExtractorClient | None = None
+        if settings.extractor_address:
+            token = settings.extractor_token.get_secret_value() if settings.extractor_token else None
+            self.extractor = ExtractorClient(settings.extractor_address, token=token,
+                                             tls_ca_file=settings.extractor_tls_ca_file,
+                                             max_message_bytes=settings.max_message_bytes)
+
+    def _activations(self, source: apb.ActivationSource, words: tuple[str, ...],
+                     template: Any) -> tuple[dict[str, dict[int, np.ndarray]], int]:
+        """Every variant's layers for ``words``, read through the extractor (and its cache)."""
+        if self.extractor is None:
+            raise errors.FailedPrecondition("this analyzer has no extractor_address configured: layer analyses "
+                                            "read activations from an extractor")
+        variants = _activation_variants(source)
+        check_limit(len(variants), self.limits.max_models, "variants", "max_models")
+        out: dict[str, dict[int, np.ndarray]] = {}
+        cached = 0
+        for name, adapter in variants:
+            try:
+                acts = self.extractor.extract(source.model, list(words), layers=list(source.layers),
+                                              pooling=source.pooling or "last", adapter=adapter,
+                                              template=(template.language, template.dimension) if template else None)
+            except grpc.RpcError as exc:
+                kind = _EXTRACTOR_ERRORS.get(exc.code(), errors.Unavailable)
+                raise kind(f"extractor ({name}): {exc.details() or exc.code().name}") from None
+            out[name] = acts.layers
+            cached += acts.from_cache
+        return out, cached
 
     async def _compute(self, fn: Callable[[], T]) -> T:
         async with self.slots.slot():
@@ -59,6 +115,40 @@ class AnalyzerServicer(apb_grpc.AnalyzerServicer):
             report = stats.compare_words(self._data(request.data), wire.pairs_from_proto(request.comparisons),
                                          request.include_per_word, self.limits)
             return wire.to_proto(report, apb.WordsResponse)
+        return await self._compute(work)
+
+    async def LayerRsa(self, request: apb.LayerRsaRequest, context) -> apb.LayerRsaResponse:
+        def work():
+            data = self._data(request.data)
+            data.check(self.limits)
+            source = request.activations
+            template = source.template if source.HasField("template") else None
+            acts, cached = self._activations(source, data.words, template)
+            report = layer_rsa(data, {m: sorted(layers.items()) for m, layers in acts.items()},
+                               dimension_sets=wire.dimension_sets_from_proto(request.dimension_sets),
+                               comparisons=wire.pairs_from_proto(request.comparisons),
+                               options=wire.rsa_options_from_proto(request.options), limits=self.limits)
+            return wire.to_proto(report.model_copy(update={"from_cache": cached}), apb.LayerRsaResponse)
+        return await self._compute(work)
+
+    async def LayerProbes(self, request: apb.LayerProbesRequest, context) -> apb.LayerProbesResponse:
+        def work():
+            data = self._data(request.data)
+            data.check(self.limits)
+            o = request.options
+            options = errors.validated(ProbeOptions, folds=o.folds or 5, seed=o.seed,
+                                       standardize=not o.no_standardize, shuffled_control=not o.no_shuffled_control,
+                                       **({"alphas": list(o.alphas)} if o.alphas else {}))
+            source = request.activations
+            acts, _ = self._activations(source, data.words, source.template if source.HasField("template") else None)
+            transfer = None
+            if request.HasField("transfer"):
+                other = self._data(request.transfer)
+                other.check(self.limits)
+                template = request.transfer_template if request.HasField("transfer_template") else None
+                transfer = (other, self._activations(source, other.words, template)[0])
+            report = probe_models(acts, data, list(request.dimensions), options, transfer)
+            return wire.to_proto(report, apb.LayerProbesResponse)
         return await self._compute(work)
 
     async def RegisterTable(self, request: apb.RegisterTableRequest, context) -> apb.TableInfo:

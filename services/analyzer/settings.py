@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from pydantic import Field
+from pydantic import Field, SecretStr
 from pydantic_settings import SettingsConfigDict
 
 from sensorium.representations import Limits
@@ -27,6 +27,12 @@ class AnalyzerSettings(ServiceSettings):
     max_comparisons: int = Field(64, ge=0, description="Most model pairs compared in one request.")
     workers: int = Field(2, ge=1, description="Analyses computed at once; each runs in its own thread.")
     max_queued: int = Field(16, ge=0, description="Analyses waiting for a worker beyond which requests are refused.")
+
+    extractor_address: str = Field("", description="Extractor (host:port) that LayerRsa and LayerProbes read "
+                                   "activations from; empty: those RPCs are refused.")
+    extractor_token: SecretStr | None = Field(None, description="Bearer token for the extractor, if it needs one.")
+    extractor_tls_ca_file: Path | None = Field(None, description="PEM CA that signed the extractor's certificate; "
+                                               "enables TLS to the extractor.")
 
     def limits(self) -> Limits:
         return Limits(**{k: getattr(self, k) for k in Limits.model_fields})
