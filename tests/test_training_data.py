@@ -145,6 +145,23 @@ def test_rating_data_from_a_spec_splits_by_word() -> None:
     assert {e.dimension for e in data.train} == {"visual", "haptic"}
 
 
+def test_data_words_restrict_the_pool_the_split_draws_from() -> None:
+    norms = synthetic_norms(300)
+    pool = tuple(sorted(norms.words)[::3])
+    spec = TrainingSpec(base_model="m", data={"norms": "syn", "words": pool, "split": {"seed": 1, "test": 0.2}})
+    data = build_training_data(spec, norms=lambda name: norms, choice_items=no_items, paper_dir=None)
+    everything = {*data.split.train, *data.split.validation, *data.split.test}
+    assert everything == set(pool) and len(data.split.test) == 20
+    whole = build_training_data(spec.model_copy(update={"data": spec.data.model_copy(update={"words": ()})}),
+                                norms=lambda name: norms, choice_items=no_items, paper_dir=None)
+    assert data.split.digest != whole.split.digest and spec.digest != TrainingSpec(base_model="m").digest
+    with pytest.raises(InvalidArgument, match="'nope'"):
+        build_training_data(TrainingSpec(base_model="m", data={"words": ("nope", *pool)}), norms=lambda name: norms,
+                            choice_items=no_items, paper_dir=None)
+    with pytest.raises(ValueError, match="data.words"):
+        TrainingSpec(base_model="m", data={"words": pool, "split": {"kind": "wu2026"}})
+
+
 def test_rating_data_refuses_what_it_cannot_build() -> None:
     norms = synthetic_norms(50)
     build = lambda **data: build_training_data(  # noqa: E731

@@ -524,6 +524,12 @@ def _rating_data(spec: TrainingSpec, norms: Callable[[str], Norms], paper_dir: P
     means = source.subset(dims).means  # NotFound names a dimension these norms lack
     if split_spec.kind != "wu2026":
         rated = np.isfinite(means).any(axis=1)
+        if data.words:
+            unknown = sorted(set(data.words) - set(source.words))
+            if unknown:
+                raise InvalidArgument(f"data.words: {len(unknown)} words are not in norms {source.dataset!r}, "
+                                      f"e.g. {', '.join(map(repr, unknown[:5]))}")
+            rated &= np.isin(np.asarray(source.words, dtype=object), list(set(data.words)))
         split = random_split([w for w, keep in zip(source.words, rated.tolist(), strict=True) if keep], split_spec)
     parts = {p: rating_examples(source, getattr(split, p), dims, language) for p in ("train", "validation", "test")}
     result = TrainingData("rating", parts["train"], parts["validation"], parts["test"], split, dims, language)

@@ -59,6 +59,7 @@ class DataSpec(_Strict):
     language: str = "en"
     dimensions: tuple[str, ...] = ()  # canonical names; empty: every dimension of the dataset
     choice_items: str = ""  # task "choice": a named item set the trainer knows (e.g. "perceptualqa")
+    words: tuple[str, ...] = Field((), max_length=20_000)  # only these words of the norms; empty: all
     split: SplitSpec = SplitSpec()
 
 
@@ -110,6 +111,8 @@ class TrainingSpec(_Strict):
             raise ValueError("task 'choice' needs data.choice_items")
         if self.task == "choice" and self.objective != "text":
             raise ValueError("task 'choice' trains on the answer letter: objective must be 'text'")
+        if self.data.words and (self.task != "rating" or self.data.split.kind != "random"):
+            raise ValueError("data.words restricts the words of a random split of rating data")
         if self.whole_sequence_loss and self.objective != "text":
             raise ValueError("whole_sequence_loss applies to objective 'text' only")
         return self
