@@ -438,6 +438,33 @@ def _train_parser(sub: argparse._SubParsersAction) -> None:
     cancel.set_defaults(run=cmd_train_cancel)
 
 
+def cmd_run(args: argparse.Namespace) -> dict:
+    from sensorium.experiment import Addresses, run
+
+    def say(line: str) -> None:
+        print(line, file=sys.stderr, flush=True)
+
+    outcome = run(args.spec, args.out, Addresses(args.analyzer or "", args.extractor or "", args.trainer or "",
+                                                 args.token), say=say, state=args.state)
+    say("")
+    for line in outcome.summary:
+        say(line)
+    say(f"report: {outcome.report}")
+    return {"report": str(outcome.report), "folder": str(outcome.folder), "summary": outcome.summary}
+
+
+def _run_parser(sub) -> None:
+    run = sub.add_parser("run", help="run an experiment spec end to end (starts the services when no addresses)")
+    run.add_argument("spec", help="experiment YAML, e.g. experiments/demo.yaml")
+    run.add_argument("--out", help="run folder (default runs/<name>)")
+    run.add_argument("--state", help="local services' state folder (default <run folder>/state)")
+    run.add_argument("--analyzer", help="analyzer HOST:PORT; give all three addresses or none")
+    run.add_argument("--extractor", help="extractor HOST:PORT")
+    run.add_argument("--trainer", help="trainer HOST:PORT")
+    run.add_argument("--token", help="bearer token for the services")
+    run.set_defaults(run=cmd_run)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="sensorium", description="Human vs model sensorimotor representations.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -474,6 +501,7 @@ def build_parser() -> argparse.ArgumentParser:
     words.set_defaults(run=cmd_words)
     _extract_parser(sub)
     _train_parser(sub)
+    _run_parser(sub)
     return parser
 
 
