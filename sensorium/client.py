@@ -29,12 +29,22 @@ from sensorium.v1 import extractor_pb2 as epb
 
 DEFAULT_MAX_MESSAGE_BYTES = 64 << 20
 
+#: gRPC's own retry of calls that found the service unavailable (restarting, briefly unreachable):
+#: up to 5 attempts with exponential backoff (0.5 s, 1 s, 2 s, 4 s, jittered by gRPC), on every
+#: method. A call the service has started answering is never repeated, so nothing runs twice.
+RETRY_SERVICE_CONFIG = json.dumps({"methodConfig": [{
+    "name": [{}],
+    "retryPolicy": {"maxAttempts": 5, "initialBackoff": "0.5s", "maxBackoff": "8s", "backoffMultiplier": 2,
+                    "retryableStatusCodes": ["UNAVAILABLE"]}}]})
+
 
 def open_channel(address: str, *, tls_ca_file: str | Path | None = None, tls: bool = False,
                  client_cert_file: str | Path | None = None, client_key_file: str | Path | None = None,
-                 max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES) -> grpc.Channel:
+                 max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES, retry: bool = True) -> grpc.Channel:
     options = [("grpc.max_send_message_length", max_message_bytes),
                ("grpc.max_receive_message_length", max_message_bytes)]
+    if retry:
+        options += [("grpc.enable_retries", 1), ("grpc.service_config", RETRY_SERVICE_CONFIG)]
     if tls or tls_ca_file:
         read = lambda p: Path(p).read_bytes() if p else None  # noqa: E731
         creds = grpc.ssl_channel_credentials(read(tls_ca_file), read(client_key_file), read(client_cert_file))
@@ -309,18 +319,85 @@ class TrainerClient(_Base):
         yield from self.stub.Watch(tpb.WatchRequest(id=job_id, after_seq=after_seq), metadata=self.metadata,
                                    timeout=timeout)
 
-    def wait(self, job_id: str, on_event: Callable[[Any], None] | None = None, timeout: float | None = None):
-        """Follow a job to its end, reconnecting after a dropped stream, and return the final Job."""
+    def wait(self, job_id: str, on_event: Callable[[Any], None] | None = None, timeout: float | None = None,
+             unavailable_for: float = 120.0):
+        """Follow a job to its end, reconnecting after a dropped stream, and return the final Job.
+
+        A trainer that restarts comes back with the job requeued, so the stream is reopened from
+        the last event seen, with backoff; one that stays away ``unavailable_for`` seconds is an error.
+        """
         after, deadline = 0, None if timeout is None else time.monotonic() + timeout
+        down_since: float | None = None
+        pause = 0.5
         while True:
             left = None if deadline is None else max(0.0, deadline - time.monotonic())
             try:
                 for event in self.watch(job_id, after, timeout=left):
-                    after = event.seq
+                    after, down_since, pause = event.seq, None, 0.5
                     if on_event is not None:
                         on_event(event)
                 return self.job(job_id)
             except grpc.RpcError as exc:
-                if exc.code() != grpc.StatusCode.UNAVAILABLE or (deadline is not None and time.monotonic() > deadline):
+                now = time.monotonic()
+                down_since = now if down_since is None else down_since
+                if exc.code() != grpc.StatusCode.UNAVAILABLE or (deadline is not None and now > deadline) \
+                        or now - down_since > unavailable_for:
                     raise
-                time.sleep(1.0)
+                time.sleep(pause)
+                pause = min(2 * pause, 10.0)
+
+
+class Client:
+    """The three services behind one object, for pipelines: ``Client(analyzer=..., extractor=..., trainer=...)``.
+
+    Give the addresses of the services you use; ``Client.from_env()`` reads them from
+    ``SENSORIUM_ANALYZER_ADDRESS``, ``SENSORIUM_EXTRACTOR_ADDRESS``, ``SENSORIUM_TRAINER_ADDRESS``
+    and the token from ``SENSORIUM_TOKEN``. Calls are retried with backoff while a service is
+    unavailable; every other error is raised as ``grpc.RpcError`` with the service's status and message.
+    """
+
+    def __init__(self, analyzer: str = "", extractor: str = "", trainer: str = "", *, token: str | None = None,
+                 **channel_options: Any) -> None:
+        self._addresses = {"analyzer": analyzer, "extractor": extractor, "trainer": trainer}
+        self._token, self._options = token, channel_options
+        self._open: dict[str, _Base] = {}
+
+    @classmethod
+    def from_env(cls, **channel_options: Any) -> Client:
+        import os
+
+        return cls(*(os.environ.get(f"SENSORIUM_{n.upper()}_ADDRESS", "") for n in ("analyzer", "extractor", "trainer")),
+                   token=os.environ.get("SENSORIUM_TOKEN") or None, **channel_options)
+
+    def _client(self, name: str, kind: type) -> Any:
+        if name not in self._open:
+            address = self._addresses[name]
+            if not address:
+                from sensorium.errors import FailedPrecondition
+
+                raise FailedPrecondition(f"no address for the {name}: pass {name}='HOST:PORT' to Client")
+            self._open[name] = kind(address, token=self._token, **self._options)
+        return self._open[name]
+
+    @property
+    def analyzer(self) -> AnalyzerClient:
+        return self._client("analyzer", AnalyzerClient)
+
+    @property
+    def extractor(self) -> ExtractorClient:
+        return self._client("extractor", ExtractorClient)
+
+    @property
+    def trainer(self) -> TrainerClient:
+        return self._client("trainer", TrainerClient)
+
+    def close(self) -> None:
+        for c in self._open.values():
+            c.close()
+        self._open.clear()
+
+    def __enter__(self) -> Client:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()

@@ -12,9 +12,9 @@ from pathlib import Path
 from typing import Any
 
 from sensorium.experiment.spec import ExperimentSpec, load_spec
-from sensorium.experiment.runner import Clients, Say, run_experiment
+from sensorium.experiment.runner import Plan, Say, plan_experiment, run_experiment
 
-__all__ = ["Addresses", "ExperimentSpec", "RunOutcome", "load_spec", "run"]
+__all__ = ["Addresses", "ExperimentSpec", "Plan", "RunOutcome", "load_spec", "plan_experiment", "run"]
 
 
 @dataclass(frozen=True)
@@ -51,34 +51,48 @@ def _local_tokenizer(spec: ExperimentSpec, models_dir: Path) -> Any | None:
 
 
 def run(spec_path: str | Path, out: str | Path | None = None, addresses: Addresses | None = None,
-        say: Say = print, state: str | Path | None = None) -> RunOutcome:
-    """Run an experiment spec; the run folder (default ``runs/<name>``) gets tables and report.html."""
+        say: Say = print, state: str | Path | None = None, services_env: dict[str, str] | None = None) -> RunOutcome:
+    """Run an experiment spec; the run folder (default ``runs/<name>``) gets tables and report.html.
+
+    The plan (word pool, training specs, test words) is worked out before any service starts, so
+    an invalid spec or a missing data file costs nothing. ``services_env``: extra environment for
+    services started locally (e.g. a model registry).
+    """
     from sensorium import report
-    from sensorium.client import AnalyzerClient, ExtractorClient, TrainerClient
-    from sensorium.errors import InvalidArgument
+    from sensorium.client import Client
+    import grpc
+
+    from sensorium.errors import InvalidArgument, Unavailable
     from sensorium.experiment.launcher import LocalServices
 
     spec = load_spec(spec_path)
-    folder = Path(out) if out else Path("runs") / spec.name
-    folder.mkdir(parents=True, exist_ok=True)
     addresses = addresses or Addresses()
+    if addresses.given:
+        missing = [n for n in ("analyzer", "extractor", "trainer") if not getattr(addresses, n)]
+        if missing:
+            raise InvalidArgument(f"give every service's address or none; missing: {', '.join(missing)}")
+    folder = Path(out) if out else Path("runs") / spec.name
     state_dir = Path(state) if state else folder / "state"
+    plan = plan_experiment(spec, _local_tokenizer(spec, state_dir / "models"))
+    folder.mkdir(parents=True, exist_ok=True)
     with contextlib.ExitStack() as stack:
-        if addresses.given:
-            missing = [n for n in ("analyzer", "extractor", "trainer") if not getattr(addresses, n)]
-            if missing:
-                raise InvalidArgument(f"give every service's address or none; missing: {', '.join(missing)}")
-            tokenizer = None if spec.words.max_tokens is None else _local_tokenizer(spec, state_dir / "models")
-            where = addresses
-        else:
-            tokenizer = _local_tokenizer(spec, state_dir / "models")
+        where = addresses
+        if not addresses.given:
             say(f"[services] starting extractor, trainer and analyzer locally (state in {state_dir})")
-            local = stack.enter_context(LocalServices(state_dir))
+            env = dict(services_env or {})
+            if spec.paper_dir is not None:
+                env.setdefault("SENSORIUM_TRAINER_PAPER_DIR", str(spec.paper_dir))
+            local = stack.enter_context(LocalServices(state_dir, env))
             where = Addresses(local.address("analyzer"), local.address("extractor"), local.address("trainer"))
-        clients = Clients(stack.enter_context(AnalyzerClient(where.analyzer, token=addresses.token)),
-                          stack.enter_context(ExtractorClient(where.extractor, token=addresses.token)),
-                          stack.enter_context(TrainerClient(where.trainer, token=addresses.token)))
-        results = run_experiment(spec, folder, clients, say, tokenizer)
+        clients = stack.enter_context(Client(where.analyzer, where.extractor, where.trainer, token=addresses.token))
+        try:
+            results = run_experiment(plan, folder, clients, say)
+        except grpc.RpcError as exc:
+            if exc.code() not in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
+                raise
+            raise Unavailable(f"a service stayed unavailable after retries ({exc.code().name}: {exc.details()}); "
+                              f"finished steps are kept in {folder / 'steps'} and the adapter store: run the "
+                              "same spec again to continue") from None
     report.write_tables(results, folder)
     path = report.build_report(results, folder)
     return RunOutcome(folder, path, report.summary_lines(results), results)

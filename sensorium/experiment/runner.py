@@ -16,27 +16,23 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
+from pydantic import BaseModel, ValidationError
 
-from sensorium.client import AnalyzerClient, ExtractorClient, TrainerClient
-from sensorium.errors import FailedPrecondition, InvalidArgument
+from sensorium.client import Client
+from sensorium.errors import FailedPrecondition, InvalidArgument, NotFound
 from sensorium.experiment.spec import ExperimentSpec
 from sensorium.norms import Norms
 from sensorium.representations import Representations
 from sensorium.rsa import RsaOptions
+from sensorium.rsa.analysis import DimensionSet
 from sensorium.storage import atomic_write_bytes
+from sensorium.training.spec import TrainingSpec
 
 #: ``say(line)``: where progress goes (the CLI prints it)
 Say = Callable[[str], None]
-
-
-@dataclass
-class Clients:
-    analyzer: AnalyzerClient
-    extractor: ExtractorClient
-    trainer: TrainerClient
 
 
 def word_pool(spec: ExperimentSpec, norms: Norms, tokenizer: Any | None = None) -> list[str]:
@@ -57,41 +53,118 @@ def word_pool(spec: ExperimentSpec, norms: Norms, tokenizer: Any | None = None) 
     return words
 
 
-def training_spec(spec: ExperimentSpec, condition_index: int, pool: list[str]) -> dict[str, Any]:
-    c = spec.conditions[condition_index]
-    training = dict(c.training)
-    data = {"norms": spec.norms, "language": spec.language, "dimensions": list(c.dimensions), "words": pool,
-            "split": spec.split, **training.pop("data", {})}
-    return {"base_model": spec.base_model, "task": "rating", **training, "data": data}
+@dataclass(frozen=True)
+class TestWords:
+    """One test set, resolved: its held-out words and the human ratings they are compared with."""
+
+    name: str
+    language: str
+    words: list[str]
+    dimensions: list[str]
+    human: np.ndarray  # words x dimensions
+    dimension_sets: tuple[DimensionSet, ...]
+    dataset: str
+
+
+@dataclass(frozen=True)
+class Plan:
+    """Everything the run will do, worked out locally before a service is called: bad input fails here."""
+
+    spec: ExperimentSpec
+    pool: list[str]
+    trainings: list[TrainingSpec]
+    tests: list[TestWords]
+
+
+def plan_experiment(spec: ExperimentSpec, tokenizer: Any | None = None) -> Plan:
+    """The word pool, each condition's training spec and each test set's words; missing data is named here."""
+    from sensorium.training.data import rating_split
+    from sensorium.training.execute import DataCatalog
+
+    catalog = DataCatalog(paper_dir=spec.paper_dir)
+    pool = word_pool(spec, catalog.norms(spec.norms), tokenizer)
+    trainings = [spec.training_spec(i, pool) for i in range(len(spec.conditions))]
+    tests = []
+    for t in spec.tests:
+        probe = spec.test_spec(t, pool)
+        if probe.data.split.kind == "wu2026" and spec.paper_dir is None:
+            raise InvalidArgument(f"test set {t.name!r}: split 'wu2026' needs paper_dir (the study's released files)")
+        split, norms, dims = rating_split(probe, catalog.norms, spec.paper_dir)
+        words = sorted(split.test)
+        if t.max_words is not None and t.max_words < len(words):
+            idx = np.random.default_rng(probe.data.split.seed).choice(len(words), size=t.max_words, replace=False)
+            words = sorted(words[i] for i in idx)
+        if len(words) < 3:
+            raise InvalidArgument(f"test set {t.name!r}: {len(words)} held-out words; RSA needs at least 3")
+        human = norms.subset(dims).means[[norms.index[w] for w in words]]
+        tests.append(TestWords(t.name, probe.data.language, words, list(dims), human, t.dimension_sets, norms.dataset))
+    for c, training in zip(spec.conditions, trainings, strict=True):
+        if training.task == "choice":
+            try:
+                catalog.choice_items(training.data.choice_items)
+            except NotFound as exc:
+                raise NotFound(f"condition {c.name!r}: {exc} (PerceptualQA comes with paper_dir)") from None
+        else:
+            rating_split(training, catalog.norms, spec.paper_dir)  # a missing file or dimension fails now
+    return Plan(spec, pool, trainings, tests)
+
+
+def trained_on(training: TrainingSpec) -> str:
+    """A condition as a row of the transfer matrix: what it was fine-tuned on."""
+    if training.task == "choice":
+        return f"{training.data.choice_items} (multiple choice)"
+    dims = ", ".join(training.data.dimensions) if training.data.dimensions else "all dimensions"
+    return f"{training.data.language}: {dims}"
 
 
 def _key(*parts: str) -> str:
     return hashlib.sha256("\x00".join(parts).encode()).hexdigest()[:16]
 
 
+def _content(value: Any) -> Any:
+    """JSON-able stand-in for a step's inputs: arrays by shape and bytes digest, models by their fields."""
+    if isinstance(value, np.ndarray):
+        data = np.ascontiguousarray(value, dtype=np.float64)
+        return {"shape": list(data.shape), "sha256": hashlib.sha256(data.tobytes()).hexdigest()}
+    if isinstance(value, Representations):
+        return {"words": list(value.words), "features": list(value.feature_names), "human": _content(value.human),
+                "models": {k: _content(v) for k, v in value.models.items()},
+                "sd": None if value.human_sd is None else _content(value.human_sd),
+                "n": None if value.human_n is None else _content(value.human_n)}
+    if isinstance(value, BaseModel):
+        return value.model_dump(mode="json")
+    if isinstance(value, dict):
+        return {str(k): _content(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_content(v) for v in value]
+    return value
+
+
+M = TypeVar("M", bound=BaseModel)
+
+
 class Run:
     """One run folder: ``steps/`` holds what was computed, keyed by content; the report goes beside it."""
 
-    def __init__(self, spec: ExperimentSpec, folder: Path, clients: Clients, say: Say = print) -> None:
+    def __init__(self, spec: ExperimentSpec, folder: Path, clients: Client, say: Say = print) -> None:
         self.spec, self.folder, self.clients, self.say = spec, folder, clients, say
         (folder / "steps").mkdir(parents=True, exist_ok=True)
 
     # ---- fine-tuning ---------------------------------------------------------------------------
-    def adapters(self, pool: list[str]) -> dict[str, str]:
+    def adapters(self, plan: Plan) -> dict[str, str]:
         """Condition name -> adapter id, training only the conditions whose adapter is not there yet."""
-        from sensorium.training.spec import TrainingSpec
+        from sensorium.v1 import trainer_pb2 as tpb
 
         have = {a.id for a in self.clients.extractor.list_adapters(self.spec.base_model)}
         out: dict[str, str] = {}
-        for i, c in enumerate(self.spec.conditions):
-            training = TrainingSpec.model_validate(training_spec(self.spec, i, pool))
+        for c, training in zip(self.spec.conditions, plan.trainings, strict=True):
             adapter = f"{self.spec.name}-{c.name}-{training.digest[:12]}"
             out[c.name] = adapter
             if adapter in have:
                 self.say(f"[train] {c.name}: adapter {adapter} exists, not trained again")
                 continue
-            plan = self.clients.trainer.submit(training.model_dump_json(), validate_only=True)
-            self.say(f"[train] {c.name}: {plan.train_examples} examples, {plan.total_steps} steps")
+            plan_reply = self.clients.trainer.submit(training.model_dump_json(), validate_only=True)
+            self.say(f"[train] {c.name}: {plan_reply.train_examples} examples, {plan_reply.total_steps} steps")
             job = self.clients.trainer.submit(training.model_dump_json(), idempotency_key=training.digest,
                                               adapter_id=adapter).job
             began = time.monotonic()
@@ -107,25 +180,43 @@ class Run:
                 self.say(f"[train] {name}: {event.kind} {event.step}/{event.total_steps}{loss}{eta}")
 
             done = self.clients.trainer.wait(job.id, on_event=show)
-            from sensorium.v1 import trainer_pb2 as tpb
-
             if done.state != tpb.JOB_STATE_SUCCEEDED:
                 raise FailedPrecondition(f"fine-tuning {c.name!r} ended {tpb.JobState.Name(done.state)}: {done.error}")
             self.say(f"[train] {c.name}: done in {time.monotonic() - began:.0f} s")
         return out
 
+    # ---- analyses ------------------------------------------------------------------------------
+    def analysis(self, kind: str, label: str, model: type[M], compute: Callable[[], M], *inputs: Any) -> M:
+        """An analyzer answer, stored under the digest of everything it was computed from.
+
+        A stored answer that no longer parses (a damaged file) is recomputed, never trusted.
+        """
+        key = hashlib.sha256(json.dumps(_content([kind, *inputs]), sort_keys=True).encode()).hexdigest()[:16]
+        path = self.folder / "steps" / f"{kind}-{label}-{key}.json"
+        if path.is_file():
+            try:
+                value = model.model_validate_json(path.read_bytes())
+                self.say(f"[analyze] {label}: {kind} found in {path.name}, not recomputed")
+                return value
+            except ValidationError:
+                self.say(f"[analyze] {label}: {path.name} is damaged; recomputing")
+        value = compute()
+        atomic_write_bytes(path, value.model_dump_json().encode())
+        return value
+
     # ---- ratings -------------------------------------------------------------------------------
-    def ratings(self, words: list[str], dims: list[str], adapter: str, label: str) -> tuple[np.ndarray, float]:
+    def ratings(self, test: TestWords, adapter: str, label: str) -> tuple[np.ndarray, float]:
         """words x dims model ratings (the spec's readout) and the parse rate; stored, read back on a rerun."""
         readout = self.spec.analyses.readout
+        words, dims = test.words, test.dimensions
         # adapter ids carry their training spec's digest, so (model, adapter, words) names the content
-        key = _key(self.spec.base_model, adapter, readout, self.spec.language, *dims, *words)
-        path = self.folder / "steps" / f"ratings-{label}-{key}.json"
+        key = _key(self.spec.base_model, adapter, readout, test.language, *dims, *words)
+        path = self.folder / "steps" / f"ratings-{test.name}-{label}-{key}.json"
         if path.is_file():
             stored = json.loads(path.read_text())
             return np.array(stored["ratings"], dtype=np.float64), float(stored["parse_rate"])
         began = time.monotonic()
-        reply = self.clients.extractor.rate(self.spec.base_model, words, dims, language=self.spec.language,
+        reply = self.clients.extractor.rate(self.spec.base_model, words, dims, language=test.language,
                                             max_new_tokens=4 if readout == "greedy" else 0, adapter=adapter)
         out = np.full((len(words), len(dims)), np.nan)
         row, col = {w: i for i, w in enumerate(words)}, {d: j for j, d in enumerate(dims)}
@@ -139,100 +230,124 @@ class Run:
                                              "parse_rate": rate, "adapter": adapter, "words": words,
                                              "model_digest": reply.model_digest, "adapter_digest": reply.adapter_digest,
                                              "dimensions": dims}).encode())
-        self.say(f"[rate] {label}: {len(words)} words x {len(dims)} dimensions in {time.monotonic() - began:.0f} s")
+        self.say(f"[rate] {test.name}, {label}: {len(words)} words x {len(dims)} dimensions in {time.monotonic() - began:.0f} s")
         return out, rate
 
 
-def run_experiment(spec: ExperimentSpec, folder: Path, clients: Clients, say: Say = print,
-                   tokenizer: Any | None = None):
+def _ci(ci: Any) -> tuple[float | None, float | None]:
+    return (ci.low, ci.high) if ci is not None else (None, None)
+
+
+def run_experiment(plan: Plan, folder: Path, clients: Client, say: Say = print):
     """The whole study; returns the results the report is built from."""
     from sensorium import report
-    from sensorium.training.execute import DataCatalog
-    from sensorium.training.spec import TrainingSpec
+    from sensorium.rsa import RsaReport
+    from sensorium.stats import DimensionsReport, WordsReport
 
+    spec, a = plan.spec, plan.spec.analyses
     run = Run(spec, folder, clients, say)
-    catalog = DataCatalog()
-    norms = catalog.norms(spec.norms)
-    pool = word_pool(spec, norms, tokenizer)
-    say(f"[words] {len(pool)} words in the pool ({norms.dataset})")
-    adapters = run.adapters(pool)
-
-    # the held-out words: the split every condition was trained with (the same pool and split spec)
-    from sensorium.training.data import build_training_data
-
-    probe = TrainingSpec.model_validate({"base_model": spec.base_model, "data": {
-        "norms": spec.norms, "language": spec.language, "words": pool, "split": spec.split}})
-    split = build_training_data(probe, norms=catalog.norms, choice_items=catalog.choice_items, paper_dir=None).split
-    words = sorted(split.test)
-    dims = list(norms.dimensions)
-    human = norms.subset(dims).means[[norms.index[w] for w in words]]
-    say(f"[words] {len(words)} held-out words, {len(split.train)} training words")
-
+    say(f"[words] {len(plan.pool)} words in the pool; test sets: "
+        + "; ".join(f"{t.name} ({t.language}, {len(t.words)} words)" for t in plan.tests))
+    adapters = run.adapters(plan)
     variants = {"base": "", **adapters}
-    ratings: dict[str, np.ndarray] = {}
-    parse_rates: dict[str, float] = {}
-    for name, adapter in variants.items():
-        ratings[name], parse_rates[name] = run.ratings(words, dims, adapter, name)
-
-    a = spec.analyses
-    reps = Representations(tuple(words), tuple(dims), human, models=ratings)
     conditions = [c.name for c in spec.conditions]
     pairs = [(c, "base") for c in conditions]
+    described = {c.name: trained_on(t) for c, t in zip(spec.conditions, plan.trainings, strict=True)}
+    results = report.ExperimentResults(name=spec.name, created=datetime.now(UTC).isoformat(timespec="seconds"),
+                                       description=spec.description, models=spec.models, confidence=a.confidence)
     options = RsaOptions(n_bootstrap=a.n_bootstrap, seed=a.seed, confidence=a.confidence)
-    say(f"[analyze] RSA with {a.n_bootstrap} bootstrap resamples")
-    rsa = clients.analyzer.rsa(reps, list(a.dimension_sets), pairs if a.n_bootstrap else [], options)
-    dims_report = clients.analyzer.dimensions(reps, pairs if a.steiger else [], n_bootstrap=0, seed=a.seed)
-    words_report = clients.analyzer.words(reps, pairs, include_per_word=True) if a.words else None
-
-    test_set = "held-out"
-    results = report.ExperimentResults(
-        name=spec.name, created=datetime.now(UTC).isoformat(timespec="seconds"), description=spec.description,
-        models=spec.models, confidence=a.confidence,
-        rsa=[report.RsaRow(model=r.model, test_set=test_set, dimension_set=r.dimension_set, rsa=r.rsa,
-                           ci_low=r.ci.low if r.ci else None, ci_high=r.ci.high if r.ci else None,
-                           n_words=r.n_words) for r in rsa.results],
-        rsa_differences=[report.RsaDifferenceRow(model_a=d.model_a, model_b=d.model_b, test_set=test_set,
-                                                 dimension_set=d.dimension_set, difference=d.difference,
-                                                 ci_low=d.ci.low, ci_high=d.ci.high, n_words=d.n_words)
-                         for d in rsa.differences],
-        dimensions=[report.DimensionRow(model=c.model, test_set=test_set, dimension=c.feature, spearman=c.spearman,
-                                        pearson=c.pearson, n_words=c.n_words) for c in dims_report.correlations],
-        steiger=[report.SteigerRow(model_a=s.model_a, model_b=s.model_b, test_set=test_set, dimension=s.feature,
-                                   method=s.method, r_a=s.r_a, r_b=s.r_b, z=s.z, p_value=s.p_value,
-                                   n_words=s.n_words) for s in dims_report.steiger],
-        transfer=[report.TransferRow(trained_on=_trained_on(spec, d.model_a), tested_on=d.dimension_set,
-                                     model=d.model_a, base=d.model_b, difference=d.difference, ci_low=d.ci.low,
-                                     ci_high=d.ci.high) for d in rsa.differences],
-        ratings=[report.RatingsMatrix(test_set=test_set, words=words, dimensions=dims, human=_rows(human),
-                                      models={m: _rows(x) for m, x in ratings.items()})],
-        methods=[rsa.method,
-                 "Per-dimension correlations: Spearman and Pearson of model and human ratings over the held-out "
-                 "words; fine-tuned vs base compared with Steiger's (1980) z-test for dependent correlations "
-                 "sharing the human variable, two-sided.",
-                 f"Ratings: the {a.readout} readout" + (
-                     "" if a.readout == "expected" else
-                     f" (parse rates: {', '.join(f'{m} {r:.0%}' for m, r in parse_rates.items())})") + "."],
-    )
-    if words_report is not None:
-        results.words = [report.WordRow(test_set=test_set, word=w, model=s.model, similarity=v)
-                         for s in words_report.similarities for w, v in zip(s.words, s.similarity, strict=True)]
+    parse_rates: dict[tuple[str, str], float] = {}
+    reps_of: dict[str, Representations] = {}
+    for test in plan.tests:
+        ratings: dict[str, np.ndarray] = {}
+        for name, adapter in variants.items():
+            ratings[name], parse_rates[test.name, name] = run.ratings(test, adapter, name)
+        reps = reps_of[test.name] = Representations(tuple(test.words), tuple(test.dimensions), test.human,
+                                                    models=ratings)
+        say(f"[analyze] {test.name}: RSA with {a.n_bootstrap} bootstrap resamples")
+        sets, rsa_pairs, steiger_pairs = list(test.dimension_sets), pairs if a.n_bootstrap else [], \
+            pairs if a.steiger else []
+        rsa = run.analysis("rsa", test.name, RsaReport,
+                           lambda: clients.analyzer.rsa(reps, sets, rsa_pairs, options), reps, sets, rsa_pairs, options)
+        per_dim = run.analysis("dimensions", test.name, DimensionsReport,
+                               lambda: clients.analyzer.dimensions(reps, steiger_pairs, n_bootstrap=0, seed=a.seed),
+                               reps, steiger_pairs, a.seed)
+        results.rsa += [report.RsaRow(model=r.model, test_set=test.name, dimension_set=r.dimension_set, rsa=r.rsa,
+                                      ci_low=_ci(r.ci)[0], ci_high=_ci(r.ci)[1], n_words=r.n_words)
+                        for r in rsa.results]
+        results.rsa_differences += [
+            report.RsaDifferenceRow(model_a=d.model_a, model_b=d.model_b, test_set=test.name,
+                                    dimension_set=d.dimension_set, difference=d.difference, ci_low=d.ci.low,
+                                    ci_high=d.ci.high, n_words=d.n_words) for d in rsa.differences]
+        results.transfer += [
+            report.TransferRow(trained_on=described[d.model_a], tested_on=f"{test.name}: {d.dimension_set}",
+                               model=d.model_a, base=d.model_b, difference=d.difference, ci_low=d.ci.low,
+                               ci_high=d.ci.high) for d in rsa.differences]
+        results.dimensions += [
+            report.DimensionRow(model=c.model, test_set=test.name, dimension=c.feature, spearman=c.spearman,
+                                pearson=c.pearson, n_words=c.n_words) for c in per_dim.correlations]
+        results.steiger += [
+            report.SteigerRow(model_a=x.model_a, model_b=x.model_b, test_set=test.name, dimension=x.feature,
+                              method=x.method, r_a=x.r_a, r_b=x.r_b, z=x.z, p_value=x.p_value, n_words=x.n_words)
+            for x in per_dim.steiger]
+        results.ratings.append(report.RatingsMatrix(test_set=test.name, words=test.words, dimensions=test.dimensions,
+                                                    human=_rows(test.human),
+                                                    models={m: _rows(x) for m, x in ratings.items()}))
+        if a.words:
+            words_report = run.analysis("words", test.name, WordsReport,
+                                        lambda: clients.analyzer.words(reps, pairs, include_per_word=True), reps, pairs)
+            results.words += [report.WordRow(test_set=test.name, word=w, model=s.model, similarity=v)
+                              for s in words_report.similarities
+                              for w, v in zip(s.words, s.similarity, strict=True)]
+        if not results.methods:
+            results.methods.append(rsa.method)
+    results.methods += [
+        "Per-dimension correlations: Spearman and Pearson of model and human ratings over the held-out words; "
+        "fine-tuned vs base compared with Steiger's (1980) z-test for dependent correlations sharing the human "
+        "variable, two-sided.",
+        f"Ratings: the {a.readout} readout" + ("" if a.readout == "expected" else " (parse rates: " + ", ".join(
+            f"{t} {m} {r:.0%}" for (t, m), r in parse_rates.items()) + ")") + "."]
     if a.layers is not None:
-        say("[analyze] layer-wise RSA")
-        layer_options = RsaOptions(n_bootstrap=a.layers.n_bootstrap, seed=a.seed, confidence=a.confidence)
-        layered = clients.analyzer.layer_rsa(
-            Representations(tuple(words), tuple(dims), human, models=ratings), spec.base_model, variants,
-            layers=list(a.layers.layers), pooling=a.layers.pooling, dimension_sets=list(a.dimension_sets),
-            comparisons=pairs if a.layers.n_bootstrap else [], options=layer_options)
-        results.layers = [report.LayerRow(model=p.model, test_set=test_set, dimension_set=p.dimension_set,
-                                          layer=p.layer, rsa=p.rsa, ci_low=p.ci.low if p.ci else None,
-                                          ci_high=p.ci.high if p.ci else None) for p in layered.points]
-        results.methods.append(layered.method + f"; activations pooled by {a.layers.pooling} over the bare word")
+        _layer_analyses(run, plan, reps_of, variants, pairs, results)
     return results
 
 
-def _trained_on(spec: ExperimentSpec, model: str) -> str:
-    c = next(c for c in spec.conditions if c.name == model)
-    return ", ".join(c.dimensions) if c.dimensions else "all dimensions"
+def _layer_analyses(run: Run, plan: Plan, reps_of: dict[str, Representations], variants: dict[str, str],
+                    pairs: list[tuple[str, str]], results: Any) -> None:
+    """Layer-wise RSA and probes of one test set's bare words, every model (the analyzer reads the extractor)."""
+    from sensorium import report
+    from sensorium.probes import ProbeOptions, ProbesReport
+    from sensorium.rsa.layers import LayerRsaReport
+
+    spec, la, clients, say = plan.spec, plan.spec.analyses.layers, run.clients, run.say
+    assert la is not None
+    test = next(t for t in plan.tests if t.name == (la.test_set or plan.tests[0].name))
+    reps = reps_of[test.name]
+    say(f"[analyze] {test.name}: layer-wise RSA ({la.pooling} pooling, {la.n_bootstrap} bootstrap resamples)")
+    options = RsaOptions(n_bootstrap=la.n_bootstrap, seed=spec.analyses.seed, confidence=spec.analyses.confidence)
+    sets, layer_pairs = list(test.dimension_sets), pairs if la.n_bootstrap else []
+    layered = run.analysis(
+        "layer-rsa", test.name, LayerRsaReport,
+        lambda: clients.analyzer.layer_rsa(reps, spec.base_model, variants, layers=list(la.layers), pooling=la.pooling,
+                                           dimension_sets=sets, comparisons=layer_pairs, options=options),
+        reps, spec.base_model, variants, la, sets, layer_pairs, options)
+    results.layers = [report.LayerRow(model=p.model, test_set=test.name, dimension_set=p.dimension_set,
+                                      layer=p.layer, rsa=p.rsa, ci_low=_ci(p.ci)[0], ci_high=_ci(p.ci)[1])
+                      for p in layered.points]
+    results.methods.append(f"Layer-wise RSA on {test.name}: {layered.method}; activations of the bare word, "
+                           f"{la.pooling}-pooled.")
+    if la.probes:
+        say(f"[analyze] {test.name}: ridge probes per layer and dimension ({la.probe_folds}-fold)")
+        probe_options = ProbeOptions(folds=la.probe_folds, seed=spec.analyses.seed)
+        probes = run.analysis(
+            "probes", test.name, ProbesReport,
+            lambda: clients.analyzer.layer_probes(reps, spec.base_model, variants, layers=list(la.layers),
+                                                  pooling=la.pooling, options=probe_options),
+            reps, spec.base_model, variants, la, probe_options)
+        results.probes = [report.ProbeRow(model=p.model, test_set=test.name, layer=p.layer, dimension=p.dimension,
+                                          spearman=p.spearman, r2=p.r2, shuffled_spearman=p.shuffled_spearman)
+                          for p in probes.scores]
+        results.methods.append(f"Probes on {test.name}: {probes.method}.")
 
 
 def _rows(x: np.ndarray) -> list[list[float | None]]:

@@ -507,7 +507,12 @@ def _check_parts(data: TrainingData, required: Iterable[str], detail: str) -> Tr
     return data
 
 
-def _rating_data(spec: TrainingSpec, norms: Callable[[str], Norms], paper_dir: Path | None) -> TrainingData:
+def rating_split(spec: TrainingSpec, norms: Callable[[str], Norms],
+                 paper_dir: Path | None) -> tuple[Split, Norms, tuple[str, ...]]:
+    """The word split a rating spec names, the norms its words come from, and the dimensions it rates.
+
+    Experiments call this too, to test on exactly the words a fine-tuning held out.
+    """
     data, split_spec = spec.data, spec.data.split
     language = data.language.strip().casefold()
     if split_spec.kind == "wu2026":
@@ -531,6 +536,12 @@ def _rating_data(spec: TrainingSpec, norms: Callable[[str], Norms], paper_dir: P
                                       f"e.g. {', '.join(map(repr, unknown[:5]))}")
             rated &= np.isin(np.asarray(source.words, dtype=object), list(set(data.words)))
         split = random_split([w for w, keep in zip(source.words, rated.tolist(), strict=True) if keep], split_spec)
+    return split, source, tuple(dims)
+
+
+def _rating_data(spec: TrainingSpec, norms: Callable[[str], Norms], paper_dir: Path | None) -> TrainingData:
+    split, source, dims = rating_split(spec, norms, paper_dir)
+    language, split_spec = spec.data.language.strip().casefold(), spec.data.split
     parts = {p: rating_examples(source, getattr(split, p), dims, language) for p in ("train", "validation", "test")}
     result = TrainingData("rating", parts["train"], parts["validation"], parts["test"], split, dims, language)
     required = ["train", *(["validation"] if split_spec.validation > 0 else []),
