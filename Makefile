@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 PROTOS := $(wildcard proto/sensorium/v1/*.proto)
 STUBS := $(patsubst proto/%.proto,%_pb2.py,$(PROTOS))
 
-.PHONY: setup proto test test-gpu demo bench bench-env bench-models bench-gpu snapshot clean
+.PHONY: setup proto test test-gpu demo paper bench bench-env bench-models bench-gpu snapshot clean
 
 setup: $(VENV)/.installed proto
 
@@ -30,7 +30,12 @@ test: setup
 test-gpu: setup
 	$(PY) -m pytest -m gpu $(PYTEST_ARGS)
 
+# The study on the embedded default: fine-tuning by the trainer service, ratings, analyses, report.
 demo: setup
+	$(PY) -m sensorium.cli run experiments/demo.yaml
+
+# The paper's statistics on its released ratings (needs ../shared/data/paper-wu2026).
+paper: setup
 	$(PY) examples/reproduce_paper_analysis.py
 
 # Baselines (rsatoolbox) live in their own environment, never in the services' one.

@@ -438,7 +438,8 @@ def _train_parser(sub: argparse._SubParsersAction) -> None:
     cancel.set_defaults(run=cmd_train_cancel)
 
 
-def cmd_run(args: argparse.Namespace) -> dict:
+def cmd_run(args: argparse.Namespace) -> dict | None:
+    """Progress goes to stderr; the summary and the report's path end the output (JSON with --json)."""
     from sensorium.experiment import Addresses, run
 
     def say(line: str) -> None:
@@ -446,11 +447,10 @@ def cmd_run(args: argparse.Namespace) -> dict:
 
     outcome = run(args.spec, args.out, Addresses(args.analyzer or "", args.extractor or "", args.trainer or "",
                                                  args.token), say=say, state=args.state)
-    say("")
-    for line in outcome.summary:
-        say(line)
-    say(f"report: {outcome.report}")
-    return {"report": str(outcome.report), "folder": str(outcome.folder), "summary": outcome.summary}
+    if args.json:
+        return {"report": str(outcome.report), "folder": str(outcome.folder), "summary": outcome.summary}
+    print("\n" + "\n".join(outcome.summary) + f"\nreport: {outcome.report}", flush=True)
+    return None
 
 
 def _run_parser(sub) -> None:
@@ -462,6 +462,7 @@ def _run_parser(sub) -> None:
     run.add_argument("--extractor", help="extractor HOST:PORT")
     run.add_argument("--trainer", help="trainer HOST:PORT")
     run.add_argument("--token", help="bearer token for the services")
+    run.add_argument("--json", action="store_true", help="end with one JSON object instead of the summary")
     run.set_defaults(run=cmd_run)
 
 
@@ -519,7 +520,8 @@ def main(argv: list[str] | None = None) -> int:
             print(f"error: {code().name}: {details()}", file=sys.stderr)
             return 2
         raise
-    print(json.dumps(_clean(result)))
+    if result is not None:
+        print(json.dumps(_clean(result)))
     return 0
 
 

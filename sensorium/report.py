@@ -297,18 +297,24 @@ def _rsa_lookup(results: ExperimentResults) -> dict[tuple[str, str, str], RsaRow
 def summary_lines(results: ExperimentResults, limit: int = 5) -> list[str]:
     """The headline numbers for a terminal, so a run's outcome is visible before opening the report.
 
-    Model differences come first (they answer the question a fine-tuning run asks); without them
-    the RSA of each model; then the mean per-dimension Spearman per model. When there are more
-    lines than ``limit`` the last one says how many were left out.
+    Model differences on each test set's first dimension set come first (they answer the
+    question a fine-tuning run asks), then the mean per-dimension Spearman per model beside them,
+    then the differences on the other dimension sets; without differences, the RSA of each model.
+    When there are more lines than ``limit`` the last one says how many were left out.
     """
-    lines: list[str] = []
     rsa = _rsa_lookup(results)
+    first_set = {}
+    for r in results.rsa:
+        first_set.setdefault(r.test_set, r.dimension_set)
+    head: list[str] = []
+    tail: list[str] = []
     for d in results.rsa_differences:
         a, b = rsa.get((d.model_a, d.test_set, d.dimension_set)), rsa.get((d.model_b, d.test_set, d.dimension_set))
         values = f"RSA {_fmt(a.rsa)} vs {_fmt(b.rsa)}, " if a and b else ""
         verdict = "significant" if significant(d.ci_low, d.ci_high) else "not significant"
-        lines.append(f"{d.model_a} vs {d.model_b}, {d.test_set}, {d.dimension_set}: {values}"
-                     f"difference {_fmt(d.difference, sign=True)} [{_fmt(d.ci_low)}, {_fmt(d.ci_high)}], {verdict}")
+        line = (f"{d.model_a} vs {d.model_b}, {d.test_set}, {d.dimension_set}: {values}"
+                f"difference {_fmt(d.difference, sign=True)} [{_fmt(d.ci_low)}, {_fmt(d.ci_high)}], {verdict}")
+        (head if first_set.get(d.test_set, d.dimension_set) == d.dimension_set else tail).append(line)
     if not results.rsa_differences:
         groups: dict[tuple[str, str], list[RsaRow]] = {}
         for r in results.rsa:
@@ -320,7 +326,7 @@ def summary_lines(results: ExperimentResults, limit: int = 5) -> list[str]:
                 r = by_model[m]
                 ci = f" [{_fmt(r.ci_low)}, {_fmt(r.ci_high)}]" if r.ci_low is not None and r.ci_high is not None else ""
                 parts.append(f"{m} {_fmt(r.rsa)}{ci}")
-            lines.append(f"{test_set}, {dim_set}: RSA " + ", ".join(parts))
+            head.append(f"{test_set}, {dim_set}: RSA " + ", ".join(parts))
     for test_set in _ordered(r.test_set for r in results.dimensions):
         rows = [r for r in results.dimensions if r.test_set == test_set]
         parts = []
@@ -328,7 +334,8 @@ def summary_lines(results: ExperimentResults, limit: int = 5) -> list[str]:
             values = np.array([r.spearman for r in rows if r.model == m], dtype=np.float64)
             mean = float(np.mean(values[np.isfinite(values)])) if np.isfinite(values).any() else math.nan
             parts.append(f"{m} {_fmt(mean)}")
-        lines.append(f"{test_set}: mean per-dimension Spearman " + ", ".join(parts))
+        head.append(f"{test_set}: mean per-dimension Spearman " + ", ".join(parts))
+    lines = head + tail
     if len(lines) > limit:
         if limit <= 1:
             return lines[:max(limit, 0)]
@@ -403,8 +410,15 @@ def _rsa_figure(results: ExperimentResults) -> Figure:
     return fig
 
 
+def _wrap(label: str, width: int = 16) -> str:
+    """A long axis label over several short lines (after ": ", at hyphens and spaces), never rotated."""
+    import textwrap
+
+    return "\n".join(textwrap.fill(part, width, break_on_hyphens=True) for part in label.split(": "))
+
+
 def _heatmap(ax: Axes, values: np.ndarray, rows: list[str], cols: list[str], vmax: float,
-             labels: list[list[str]] | None = None, cmap: str = "RdBu_r") -> Any:
+             labels: list[list[str]] | None = None, cmap: str = "RdBu_r", wrap: bool = False) -> Any:
     """An annotated diverging heatmap; NaN cells are grey and read ``n/a``."""
     import matplotlib as mpl
 
@@ -416,8 +430,12 @@ def _heatmap(ax: Axes, values: np.ndarray, rows: list[str], cols: list[str], vma
             text = labels[i][j] if labels else ("n/a" if not np.isfinite(v) else f"{v:.2f}")
             color = _text_color(v, vmax) if np.isfinite(v) else "black"
             ax.text(j, i, _plain(text), ha="center", va="center", fontsize="small", color=color)
-    ax.set_xticks(range(len(cols)), [_plain(c) for c in cols], rotation=45, ha="right")
-    ax.set_yticks(range(len(rows)), [_plain(r) for r in rows])
+    if wrap:
+        ax.set_xticks(range(len(cols)), [_plain(_wrap(c)) for c in cols], fontsize="small")
+        ax.set_yticks(range(len(rows)), [_plain(_wrap(r, 24)) for r in rows], fontsize="small")
+    else:
+        ax.set_xticks(range(len(cols)), [_plain(c) for c in cols], rotation=45, ha="right")
+        ax.set_yticks(range(len(rows)), [_plain(r) for r in rows])
     return image
 
 
@@ -486,13 +504,15 @@ def transfer_matrices(rows: list[TransferRow]) -> list[TransferMatrix]:
 def _transfer_figure(matrix: TransferMatrix) -> Figure:
     finite = np.abs(matrix.difference[np.isfinite(matrix.difference)])
     vmax = float(finite.max()) if finite.size and finite.max() > 0 else 1.0
-    fig = _new_figure(max(4.0, 1.0 * len(matrix.tested_on) + 2.5), max(2.5, 0.6 * len(matrix.trained_on) + 1.8))
+    label_lines = max(_wrap(t).count("\n") + 1 for t in matrix.tested_on)
+    fig = _new_figure(max(5.0, 1.5 * len(matrix.tested_on) + 3.5),
+                      max(2.8, 0.55 * len(matrix.trained_on) + 0.2 * label_lines + 1.8))
     ax = fig.subplots()
     labels = [[matrix.label(i, j) for j in range(len(matrix.tested_on))] for i in range(len(matrix.trained_on))]
-    image = _heatmap(ax, matrix.difference, matrix.trained_on, matrix.tested_on, vmax, labels)
+    image = _heatmap(ax, matrix.difference, matrix.trained_on, matrix.tested_on, vmax, labels, wrap=True)
     ax.set_xlabel("tested on")
     ax.set_ylabel("trained on")
-    ax.set_title(f"{_plain(matrix.title)}: RSA difference (* interval excludes 0)")
+    ax.set_title(f"{_plain(matrix.title)}: RSA difference\n(* the interval excludes 0)", fontsize="medium")
     fig.colorbar(image, ax=ax, shrink=0.8)
     return fig
 

@@ -284,3 +284,56 @@ def test_client_sdk_reports_an_unreachable_service(tmp_path: Path) -> None:
         with pytest.raises(SensoriumError, match="no address for the analyzer"):
             client.analyzer.rsa(None)  # type: ignore[arg-type]
     _ = DimensionSet  # the SDK takes the library's types
+
+
+# ---- the shipped study spec, at miniature size -------------------------------------------------
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_wu2026_spec_runs_at_miniature_size(tmp_path: Path, tiny_model_path: Path) -> None:
+    """experiments/wu2026.yaml as shipped, with the tiny model, 16 training concepts, 24 test words, 2 steps."""
+    from conftest import need_shared
+
+    shipped = load_spec(ROOT / "experiments" / "wu2026.yaml")
+    assert shipped.paper_dir is not None
+    need_shared(shipped.paper_dir / "model-ratings" / "En_all_models_results.csv")
+    data = shipped.model_dump(mode="json")
+    data["base_model"] = "tiny"
+    data["split"]["max_train_words"] = 16
+    for c in data["conditions"]:
+        c["training"] |= {"lora": {"r": 4, "alpha": 8, "dropout": 0.0},
+                          "optim": {"max_steps": 2, "batch_size": 8, "micro_batch_size": 8, "learning_rate": 1e-3},
+                          "eval": {"every_steps": 2, "checkpoint_every_steps": 2}}
+    for t in data["test_sets"]:
+        t["max_words"] = 24
+    data["analyses"] |= {"n_bootstrap": 20, "layers": {**data["analyses"]["layers"], "n_bootstrap": 0,
+                                                       "probe_folds": 3}}
+    lines: list[str] = []
+    outcome = run(write_spec(tmp_path / "wu2026-mini.yaml", data), tmp_path / "run", say=lines.append,
+                  services_env=services_env(tiny_model_path))
+    rsa = {(r["model"], r["test_set"], r["dimension_set"]) for r in read_csv(outcome.folder / "rsa.csv")}
+    cells = {("english", "all"), ("english", "sensory"), ("english", "motor"), ("dutch", "sensory")}
+    assert rsa == {(m, t, s) for m in ("base", "En_FT", "Nl_FT", "QA_FT") for t, s in cells}
+    transfer = read_csv(outcome.folder / "transfer.csv")
+    assert {(r["trained_on"], r["tested_on"]) for r in transfer} == {
+        (trained, f"{t}: {s}") for trained in ("en: all dimensions", "nl: all dimensions",
+                                                "perceptualqa (multiple choice)") for t, s in cells}
+    ratings = report.ExperimentResults.model_validate_json((outcome.folder / "results.json").read_bytes()).ratings
+    assert [(m.test_set, len(m.words), len(m.dimensions)) for m in ratings] == [("english", 24, 11), ("dutch", 24, 6)]
+    # English and Dutch test words are the study's concepts, in each language
+    from sensorium.training.data import wu2026_concepts
+
+    concepts = wu2026_concepts(shipped.paper_dir)
+    assert set(ratings[0].words) <= {c.english for c in concepts.test}
+    assert set(ratings[1].words) <= {c.dutch for c in concepts.test}
+    assert "transfer" in (outcome.folder / "report.html").read_text(encoding="utf-8")
+
+
+def test_cli_refuses_an_invalid_spec_with_the_field_path(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    from sensorium.cli import main
+
+    spec = json.loads(json.dumps(MINI)) | {"words": {"size": 5}}
+    assert main(["run", str(write_spec(tmp_path / "bad.yaml", spec)), "--out", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and "words.size" in err
+    assert not (tmp_path / "out").exists()

@@ -255,7 +255,8 @@ def run_experiment(plan: Plan, folder: Path, clients: Client, say: Say = print):
     described = {c.name: trained_on(t) for c, t in zip(spec.conditions, plan.trainings, strict=True)}
     results = report.ExperimentResults(name=spec.name, created=datetime.now(UTC).isoformat(timespec="seconds"),
                                        description=spec.description, models=spec.models, confidence=a.confidence)
-    options = RsaOptions(n_bootstrap=a.n_bootstrap, seed=a.seed, confidence=a.confidence)
+    options = RsaOptions(n_bootstrap=a.n_bootstrap, seed=a.seed, confidence=a.confidence,
+                         bootstrap_mode=a.bootstrap_mode)
     parse_rates: dict[tuple[str, str], float] = {}
     reps_of: dict[str, Representations] = {}
     for test in plan.tests:

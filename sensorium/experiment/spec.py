@@ -75,6 +75,8 @@ class LayerAnalysis(_Strict):
 
 class Analyses(_Strict):
     n_bootstrap: int = Field(1000, ge=0)
+    # "renormalize": z-scores and RDMs recomputed in every resample, as the study's notebooks did
+    bootstrap_mode: Literal["index", "renormalize"] = "index"
     seed: int = Field(0, ge=0)
     confidence: float = Field(0.95, gt=0, lt=1)
     dimension_sets: tuple[DimensionSet, ...] = (DimensionSet(name="all"),)
