@@ -204,12 +204,16 @@ class ExtractorClient(_Base):
         return list(self.stub.ListModels(epb.ListModelsRequest(), metadata=self.metadata, timeout=self.timeout).models)
 
     def rate(self, model: str, words: list[str], dimensions: list[str] | None = None, language: str = "en",
-             max_new_tokens: int = 0, batch_size: int = 0, adapter: str = ""):
-        """The service's RateResponse: per (word, dimension) expected rating, mass, answer, parsed."""
+             max_new_tokens: int = 0, batch_size: int = 0, adapter: str = "", prompts: str = ""):
+        """The service's RateResponse: per (word, dimension) expected rating, mass, answer, parsed.
+
+        ``prompts``: a prompt set the service offers by name; "" = the built-in templates.
+        """
         from sensorium.v1 import extractor_pb2 as epb
 
         request = epb.RateRequest(model=model, words=words, dimensions=dimensions or [], language=language,
-                                  max_new_tokens=max_new_tokens, batch_size=batch_size, adapter=adapter)
+                                  max_new_tokens=max_new_tokens, batch_size=batch_size, adapter=adapter,
+                                  prompts=prompts)
         return self.stub.Rate(request, metadata=self.metadata, timeout=self.timeout)
 
     def extract(self, model: str, words: list[str], layers: list[int] | None = None,

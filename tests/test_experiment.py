@@ -327,6 +327,13 @@ def test_wu2026_spec_runs_at_miniature_size(tmp_path: Path, tiny_model_path: Pat
     assert set(ratings[0].words) <= {c.english for c in concepts.test}
     assert set(ratings[1].words) <= {c.dutch for c in concepts.test}
     assert "transfer" in (outcome.folder / "report.html").read_text(encoding="utf-8")
+    # the study's own prompt files reached the trainer (rating conditions) and the extractor
+    manifests = {m.parent.name.split("-")[1]: json.loads(m.read_text())
+                 for m in (tmp_path / "run" / "state" / "adapters").glob("*/sensorium-adapter.json")}
+    assert {k: m["training"]["spec"]["data"]["prompts"] for k, m in manifests.items()} == {
+        "En_FT": "wu2026", "Nl_FT": "wu2026", "QA_FT": ""}
+    stored = json.loads(next((outcome.folder / "steps").glob("ratings-dutch-base-*.json")).read_text())
+    assert stored["prompts"] == "wu2026"
 
 
 def test_cli_refuses_an_invalid_spec_with_the_field_path(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:

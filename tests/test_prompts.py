@@ -261,3 +261,56 @@ def test_import_does_not_pull_in_torch_or_transformers() -> None:
     code = "import sys, sensorium.prompts; print(sorted(m for m in ('torch', 'transformers') if m in sys.modules))"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"
+
+
+# ---- named prompt sets: a study's own prompt files, read by path on the server ---------------
+def test_prompt_folder_reads_study_files_and_yaml_sets(tmp_path) -> None:
+    from sensorium.prompts.sets import PromptSets, load_prompt_folder
+
+    (tmp_path / "visual_prompt.txt").write_text('Rate seeing "{Word}" from 0 to 5.\n', encoding="utf-8")
+    (tmp_path / "foot_prompt.txt").write_text("Rate the foot for {Word}.", encoding="utf-8")
+    (tmp_path / "Zien_prompt.txt").write_text('Hoe sterk zie je "{Woord}"?', encoding="utf-8")
+    (tmp_path / "it.yaml").write_text("language: it\nvisual: 'Quanto vedi {word}?'\n", encoding="utf-8")
+    (tmp_path / "README.txt").write_text("not a template", encoding="utf-8")
+    templates = load_prompt_folder(tmp_path)
+    assert sorted(templates) == [("en", "foot_leg"), ("en", "visual"), ("it", "visual"), ("nl", "visual")]
+    assert templates["en", "visual"].render("apple") == 'Rate seeing "apple" from 0 to 5.'
+    assert templates["nl", "visual"].render("appel") == 'Hoe sterk zie je "appel"?'
+    sets = PromptSets({"mine": tmp_path})
+    assert sets.template("mine", "EN", "Foot_Leg").render("x") == "Rate the foot for x."
+    assert sets.dimensions("mine", "en") == ["foot_leg", "visual"]
+    assert sets.template("", "en", "visual") == default_template("en", "visual")
+    with pytest.raises(NotFound, match="unknown prompt set 'other'; this service offers: mine"):
+        sets.template("other", "en", "visual")
+    with pytest.raises(NotFound, match="no nl template for 'auditory'"):
+        sets.template("mine", "nl", "auditory")
+
+
+def test_prompt_folder_refuses_what_it_cannot_place(tmp_path) -> None:
+    from sensorium.prompts.sets import load_prompt_folder
+
+    with pytest.raises(NotFound, match="does not exist"):
+        load_prompt_folder(tmp_path / "none")
+    with pytest.raises(InvalidArgument, match="holds no"):
+        load_prompt_folder(tmp_path)
+    (tmp_path / "smell_prompt.txt").write_text("{Word}", encoding="utf-8")
+    with pytest.raises(InvalidArgument, match="'smell' names no sensorimotor dimension"):
+        load_prompt_folder(tmp_path)
+    (tmp_path / "smell_prompt.txt").unlink()
+    (tmp_path / "visual_prompt.txt").write_text("no placeholder", encoding="utf-8")
+    with pytest.raises(InvalidArgument, match="placeholder"):
+        load_prompt_folder(tmp_path)
+    (tmp_path / "visual_prompt.txt").write_text("{Word}", encoding="utf-8")
+    (tmp_path / "en.yaml").write_text("language: en\nvisual: '{word}?'\n", encoding="utf-8")
+    with pytest.raises(InvalidArgument, match="a second en template for 'visual'"):
+        load_prompt_folder(tmp_path)
+
+
+def test_the_studys_prompt_files_load_as_one_set() -> None:
+    from conftest import PAPER, need_shared
+    from sensorium.prompts.sets import load_prompt_folder
+
+    templates = load_prompt_folder(need_shared(PAPER / "prompts"))
+    assert sum(lang == "en" for lang, _ in templates) == 11 and sum(lang == "nl" for lang, _ in templates) == 6
+    text = templates["nl", "olfactory"].render("kaas")
+    assert "native speaker of Dutch" in text and '"kaas"' in text and "{" not in text

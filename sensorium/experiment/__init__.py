@@ -7,6 +7,7 @@ points the containers run) and stops them at the end; with addresses it drives a
 from __future__ import annotations
 
 import contextlib
+import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -82,6 +83,10 @@ def run(spec_path: str | Path, out: str | Path | None = None, addresses: Address
             env = dict(services_env or {})
             if spec.paper_dir is not None:
                 env.setdefault("SENSORIUM_TRAINER_PAPER_DIR", str(spec.paper_dir))
+            if spec.prompts is not None and spec.prompts.path is not None:
+                sets = json.dumps({spec.prompts.name: str(spec.prompts.path)})
+                env.setdefault("SENSORIUM_EXTRACTOR_PROMPT_SETS", sets)
+                env.setdefault("SENSORIUM_TRAINER_PROMPT_SETS", sets)
             local = stack.enter_context(LocalServices(state_dir, env))
             where = Addresses(local.address("analyzer"), local.address("extractor"), local.address("trainer"))
         clients = stack.enter_context(Client(where.analyzer, where.extractor, where.trainer, token=addresses.token))

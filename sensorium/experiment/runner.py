@@ -82,6 +82,11 @@ def plan_experiment(spec: ExperimentSpec, tokenizer: Any | None = None) -> Plan:
     from sensorium.training.execute import DataCatalog
 
     catalog = DataCatalog(paper_dir=spec.paper_dir)
+    have = None
+    if spec.prompts is not None and spec.prompts.path is not None:
+        from sensorium.prompts.sets import load_prompt_folder
+
+        have = load_prompt_folder(spec.prompts.path)  # a missing folder or a bad template fails now
     pool = word_pool(spec, catalog.norms(spec.norms), tokenizer)
     trainings = [spec.training_spec(i, pool) for i in range(len(spec.conditions))]
     tests = []
@@ -90,6 +95,10 @@ def plan_experiment(spec: ExperimentSpec, tokenizer: Any | None = None) -> Plan:
         if probe.data.split.kind == "wu2026" and spec.paper_dir is None:
             raise InvalidArgument(f"test set {t.name!r}: split 'wu2026' needs paper_dir (the study's released files)")
         split, norms, dims = rating_split(probe, catalog.norms, spec.paper_dir)
+        lacking = [d for d in dims if have is not None and (probe.data.language, d) not in have]
+        if lacking:
+            raise NotFound(f"test set {t.name!r}: prompts {spec.prompts.path} have no {probe.data.language} "
+                           f"template for {', '.join(lacking)}")
         words = sorted(split.test)
         if t.max_words is not None and t.max_words < len(words):
             idx = np.random.default_rng(probe.data.split.seed).choice(len(words), size=t.max_words, replace=False)
@@ -210,14 +219,16 @@ class Run:
         readout = self.spec.analyses.readout
         words, dims = test.words, test.dimensions
         # adapter ids carry their training spec's digest, so (model, adapter, words) names the content
-        key = _key(self.spec.base_model, adapter, readout, test.language, *dims, *words)
+        prompts = self.spec.prompts.name if self.spec.prompts else ""
+        key = _key(self.spec.base_model, adapter, readout, test.language, prompts, *dims, *words)
         path = self.folder / "steps" / f"ratings-{test.name}-{label}-{key}.json"
         if path.is_file():
             stored = json.loads(path.read_text())
             return np.array(stored["ratings"], dtype=np.float64), float(stored["parse_rate"])
         began = time.monotonic()
         reply = self.clients.extractor.rate(self.spec.base_model, words, dims, language=test.language,
-                                            max_new_tokens=4 if readout == "greedy" else 0, adapter=adapter)
+                                            max_new_tokens=4 if readout == "greedy" else 0, adapter=adapter,
+                                            prompts=prompts)
         out = np.full((len(words), len(dims)), np.nan)
         row, col = {w: i for i, w in enumerate(words)}, {d: j for j, d in enumerate(dims)}
         parsed = 0
@@ -226,11 +237,13 @@ class Run:
             parsed += readout == "greedy" and r.HasField("parsed")
             out[row[r.word], col[r.dimension]] = value
         rate = parsed / max(1, len(reply.ratings)) if readout == "greedy" else 1.0
-        atomic_write_bytes(path, json.dumps({"ratings": [[None if np.isnan(v) else v for v in r] for r in out],
-                                             "parse_rate": rate, "adapter": adapter, "words": words,
-                                             "model_digest": reply.model_digest, "adapter_digest": reply.adapter_digest,
-                                             "dimensions": dims}).encode())
-        self.say(f"[rate] {test.name}, {label}: {len(words)} words x {len(dims)} dimensions in {time.monotonic() - began:.0f} s")
+        record = {"ratings": [[None if np.isnan(v) else v for v in r] for r in out], "parse_rate": rate,
+                  "adapter": adapter, "words": words, "dimensions": dims, "prompts": prompts,
+                  "templates": {t.dimension: t.digest for t in reply.templates},
+                  "model_digest": reply.model_digest, "adapter_digest": reply.adapter_digest}
+        atomic_write_bytes(path, json.dumps(record).encode())
+        self.say(f"[rate] {test.name}, {label}: {len(words)} words x {len(dims)} dimensions "
+                 f"in {time.monotonic() - began:.0f} s")
         return out, rate
 
 

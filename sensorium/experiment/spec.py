@@ -38,6 +38,18 @@ class WordPool(_Strict):
     max_tokens: int | None = Field(None, ge=1)
 
 
+class PromptSource(_Strict):
+    """Rating prompts other than the built-ins: a set the services offer under ``name``.
+
+    ``path`` (relative to the spec file) is the folder of prompt files; services started locally
+    are given it under ``name``. Services elsewhere must offer the same set under that name
+    (their ``prompt_sets`` setting).
+    """
+
+    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+    path: Path | None = None
+
+
 class Condition(_Strict):
     """One fine-tuning: a name and the parts of a TrainingSpec that differ from the defaults."""
 
@@ -96,6 +108,7 @@ class ExperimentSpec(_Strict):
     split: dict[str, Any] = Field(default_factory=lambda: {"seed": 0, "validation": 0.05, "test": 0.2})
     # The study's released materials (split "wu2026", PerceptualQA); relative to the spec file.
     paper_dir: Path | None = None
+    prompts: PromptSource | None = None  # default: the built-in templates
     conditions: tuple[Condition, ...] = ()
     test_sets: tuple[TestSet, ...] = ()  # empty: one set, "held-out", from norms, language and split
     analyses: Analyses = Analyses()
@@ -160,6 +173,8 @@ class ExperimentSpec(_Strict):
         data.setdefault("split", self.split)
         if dimensions:
             data["dimensions"] = list(dimensions)
+        if self.prompts is not None and training.get("task", "rating") == "rating":
+            data.setdefault("prompts", self.prompts.name)
         own_words = (data["norms"], data["language"]) == (self.norms, self.language)
         if pool and own_words and training.get("task", "rating") == "rating" and \
                 isinstance(data["split"], dict) and data["split"].get("kind", "random") == "random":
@@ -185,9 +200,14 @@ def load_spec(path: str | Path) -> ExperimentSpec:
         raise InvalidArgument(f"{path}: not valid YAML: {exc}") from None
     if not isinstance(raw, dict):
         raise InvalidArgument(f"{path}: expected a mapping of fields at the top level")
+    def beside(value: Any) -> str:
+        given = Path(str(value)).expanduser()
+        return str(given if given.is_absolute() else (path.parent / given).resolve())
+
     if raw.get("paper_dir") is not None:
-        paper = Path(str(raw["paper_dir"])).expanduser()
-        raw["paper_dir"] = str(paper if paper.is_absolute() else (path.parent / paper).resolve())
+        raw["paper_dir"] = beside(raw["paper_dir"])
+    if isinstance(raw.get("prompts"), dict) and raw["prompts"].get("path") is not None:
+        raw["prompts"] = {**raw["prompts"], "path": beside(raw["prompts"]["path"])}
     try:
         return validated_json(ExperimentSpec, json.dumps(raw))
     except InvalidArgument as exc:

@@ -19,7 +19,7 @@ from collections import Counter, defaultdict
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from decimal import ROUND_HALF_UP, Decimal
-from functools import lru_cache
+from functools import lru_cache, partial
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -30,7 +30,8 @@ from sensorium.norms.builtin import DUTCH_SPEED, LANCASTER, LANCASTER_CITATION
 from sensorium.norms.declaration import ColumnSpec
 from sensorium.norms.dimensions import resolve_dimensions
 from sensorium.norms.model import Norms, normalise_word
-from sensorium.prompts import default_template
+from sensorium.prompts import PromptTemplate, default_template
+from sensorium.prompts.sets import PromptSets
 from sensorium.storage import sha256_bytes
 from sensorium.training.spec import SplitSpec, TrainingSpec
 
@@ -129,11 +130,15 @@ def rating_target(value: float) -> str:
     return str(Decimal(repr(float(value))).quantize(Decimal("0.01"), rounding=ROUND_HALF_UP))
 
 
-def rating_examples(norms: Norms, words: Sequence[str], dimensions: Sequence[str], language: str) -> list[Example]:
-    """One example per word and dimension with a rating; a missing rating gives no example."""
+def rating_examples(norms: Norms, words: Sequence[str], dimensions: Sequence[str], language: str,
+                    template: Callable[[str, str], PromptTemplate] = default_template) -> list[Example]:
+    """One example per word and dimension with a rating; a missing rating gives no example.
+
+    ``template(language, dimension)``: the built-in templates, or a named prompt set's.
+    """
     dims = resolve_dimensions(dimensions)
     columns = norms.subset(dims).means  # NotFound names a dimension absent from the norms
-    templates = {d: default_template(language, d) for d in dims}
+    templates = {d: template(language, d) for d in dims}
     keys = [normalise_word(w) for w in words]
     missing = [w for w in keys if w not in norms.index]
     if missing:
@@ -539,10 +544,13 @@ def rating_split(spec: TrainingSpec, norms: Callable[[str], Norms],
     return split, source, tuple(dims)
 
 
-def _rating_data(spec: TrainingSpec, norms: Callable[[str], Norms], paper_dir: Path | None) -> TrainingData:
+def _rating_data(spec: TrainingSpec, norms: Callable[[str], Norms], paper_dir: Path | None,
+                 prompts: PromptSets) -> TrainingData:
     split, source, dims = rating_split(spec, norms, paper_dir)
     language, split_spec = spec.data.language.strip().casefold(), spec.data.split
-    parts = {p: rating_examples(source, getattr(split, p), dims, language) for p in ("train", "validation", "test")}
+    template = partial(prompts.template, spec.data.prompts)
+    parts = {p: rating_examples(source, getattr(split, p), dims, language, template)
+             for p in ("train", "validation", "test")}
     result = TrainingData("rating", parts["train"], parts["validation"], parts["test"], split, dims, language)
     required = ["train", *(["validation"] if split_spec.validation > 0 else []),
                 *(["test"] if split_spec.kind == "wu2026" or split_spec.test > 0 else [])]
@@ -570,13 +578,13 @@ def _choice_data(spec: TrainingSpec,
 
 def build_training_data(spec: TrainingSpec, *, norms: Callable[[str], Norms],
                         choice_items: Callable[[str], tuple[list[ChoiceItem], list[ChoiceItem]]],
-                        paper_dir: Path | None) -> TrainingData:
+                        paper_dir: Path | None, prompts: PromptSets | None = None) -> TrainingData:
     """The examples a spec names, split and filtered; names resolve through the callables only.
 
     The callables belong to the service, which decides what a name means, so that a spec can
     never make the trainer read an arbitrary path. Split ``wu2026`` brings its own norms and
-    ignores ``data.norms``.
+    ignores ``data.norms``. ``prompts``: the prompt sets ``data.prompts`` may name (the service's).
     """
     if spec.task == "choice":
         return _choice_data(spec, choice_items)
-    return _rating_data(spec, norms, paper_dir)
+    return _rating_data(spec, norms, paper_dir, prompts or PromptSets())

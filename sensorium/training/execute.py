@@ -38,8 +38,12 @@ class DataCatalog:
     """Norms datasets and multiple-choice item sets a trainer offers, by name."""
 
     def __init__(self, norms: Mapping[str, str] | None = None, paper_dir: Path | None = None,
-                 choice_items: Mapping[str, tuple[Path, Path]] | None = None) -> None:
+                 choice_items: Mapping[str, tuple[Path, Path]] | None = None,
+                 prompt_sets: Mapping[str, Path] | None = None) -> None:
+        from sensorium.prompts.sets import PromptSets
+
         self._norms = dict(norms or {})
+        self.prompts = PromptSets(prompt_sets)
         self.paper_dir = paper_dir
         self._items = dict(choice_items or {})
         if paper_dir is not None and PERCEPTUALQA not in self._items:
@@ -112,7 +116,7 @@ class TrainingJobs:
 
         self.registry.spec(spec.base_model)  # NotFound before any data is read
         return build_training_data(spec, norms=self.catalog.norms, choice_items=self.catalog.choice_items,
-                                   paper_dir=self.catalog.paper_dir)
+                                   paper_dir=self.catalog.paper_dir, prompts=self.catalog.prompts)
 
     def plan(self, spec: TrainingSpec) -> Plan:
         data = self.data(spec)

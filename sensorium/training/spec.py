@@ -59,6 +59,7 @@ class DataSpec(_Strict):
     language: str = "en"
     dimensions: tuple[str, ...] = ()  # canonical names; empty: every dimension of the dataset
     choice_items: str = ""  # task "choice": a named item set the trainer knows (e.g. "perceptualqa")
+    prompts: str = ""  # task "rating": a prompt set the trainer offers by name; "": the built-in templates
     words: tuple[str, ...] = Field((), max_length=20_000)  # only these words of the norms; empty: all
     split: SplitSpec = SplitSpec()
 
@@ -107,6 +108,8 @@ class TrainingSpec(_Strict):
 
     @model_validator(mode="after")
     def _consistent(self) -> TrainingSpec:
+        if self.data.prompts and self.task != "rating":
+            raise ValueError("data.prompts names rating prompts; task 'choice' has its own format")
         if self.task == "choice" and not self.data.choice_items:
             raise ValueError("task 'choice' needs data.choice_items")
         if self.task == "choice" and self.objective != "text":

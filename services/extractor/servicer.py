@@ -29,7 +29,8 @@ from sensorium.cache import Space, VectorCache
 from sensorium.errors import InvalidArgument, NotFound, ResourceExhausted
 from sensorium.models.adapters import AdapterHost, AdapterManifest, AdapterStore, check_adapter_id
 from sensorium.models.store import LoadedModel, ModelRegistry, ModelStore
-from sensorium.prompts import available, chat_prompt, default_template
+from sensorium.prompts import available, chat_prompt
+from sensorium.prompts.sets import PromptSets
 from sensorium.prompts.template import PromptTemplate
 from sensorium.ratings import Ratings, rate
 from sensorium.v1 import extractor_pb2 as epb
@@ -116,12 +117,12 @@ def check_pooling(pooling: str) -> str:
     return pooling
 
 
-def template_of(ref: epb.TemplateRef | None) -> PromptTemplate | None:
+def template_of(ref: epb.TemplateRef | None, prompts: PromptSets) -> PromptTemplate | None:
     if ref is None:
         return None
     if not ref.dimension:
         raise InvalidArgument("a template needs a dimension")
-    return default_template(ref.language or DEFAULT_LANGUAGE, ref.dimension)
+    return prompts.template(ref.prompts, ref.language or DEFAULT_LANGUAGE, ref.dimension)
 
 
 def renderer(template: PromptTemplate | None, tokenizer: object) -> Callable[[str], str] | None:
@@ -139,6 +140,7 @@ class ExtractorServicer(epb_grpc.ExtractorServicer):
                              settings.max_loaded_adapters)
         self.cache = VectorCache(settings.vector_cache, settings.cache_max_vectors)
         self.slots = WorkSlots("extractor", settings.workers, settings.max_queued)
+        self.prompts = PromptSets(settings.prompt_sets)
 
     async def ready(self) -> None:
         for name in self.settings.preload:
@@ -167,13 +169,15 @@ class ExtractorServicer(epb_grpc.ExtractorServicer):
         words = check_words(request.words, self.settings)
         language = request.language or DEFAULT_LANGUAGE
         dimensions = list(dict.fromkeys(d.strip().casefold() for d in request.dimensions))
+        if not dimensions and request.prompts:
+            dimensions = self.prompts.dimensions(request.prompts, language)
         if not dimensions:
             builtin = available()
             if language.strip().casefold() not in builtin:
                 raise NotFound(f"no built-in prompt templates for language {language!r}; "
                                f"available: {', '.join(builtin)}")
             dimensions = list(builtin[language.strip().casefold()])
-        templates = [default_template(language, d) for d in dimensions]  # NotFound for unknown ones
+        templates = [self.prompts.template(request.prompts, language, d) for d in dimensions]  # NotFound: unknown
         if request.max_new_tokens > self.settings.max_answer_tokens:
             raise ResourceExhausted(f"max_new_tokens={request.max_new_tokens} is over the limit "
                                     f"max_answer_tokens={self.settings.max_answer_tokens}")
@@ -214,7 +218,7 @@ class ExtractorServicer(epb_grpc.ExtractorServicer):
     async def Extract(self, request: epb.ExtractRequest, context) -> AsyncIterator[epb.ExtractChunk]:
         words = check_words(request.words, self.settings)
         pooling = check_pooling(request.pooling)
-        template = template_of(request.template if request.HasField("template") else None)
+        template = template_of(request.template if request.HasField("template") else None, self.prompts)
         self.models.registry.spec(request.model)
         batch_size = self._batch_size(request.batch_size)
         async with self.slots.slot():
@@ -266,7 +270,7 @@ class ExtractorServicer(epb_grpc.ExtractorServicer):
 
     async def Nearest(self, request: epb.NearestRequest, context) -> epb.NearestResponse:
         pooling = check_pooling(request.pooling)
-        template = template_of(request.template if request.HasField("template") else None)
+        template = template_of(request.template if request.HasField("template") else None, self.prompts)
         query_kind = request.WhichOneof("query")
         if query_kind is None:
             raise InvalidArgument("give a word or a vector to search from")

@@ -27,6 +27,10 @@ class ExtractorSettings(ServiceSettings):
     models: dict[str, ModelSpec] = Field(
         default_factory=dict,
         description="Models offered besides the embedded default, by name (a JSON object in the environment).")
+    prompt_sets: dict[str, Path] = Field(
+        default_factory=dict,
+        description="Prompt sets by name besides the built-ins: a folder of <dimension>_prompt.txt or "
+                    "<language>.yaml files each (a JSON object in the environment).")
     preload: list[str] = Field(default_factory=list,
                                description="Models loaded before the service reports ready; others load on first use.")
     max_words: int = Field(10_000, ge=1, description="Most words in one request.")

@@ -36,6 +36,9 @@ class TrainerSettings(ServiceSettings):
     norms: dict[str, str] = Field(
         default_factory=dict,
         description="Norms datasets by name besides the built-in ones: a dataset declaration (.yaml) each.")
+    prompt_sets: dict[str, Path] = Field(
+        default_factory=dict,
+        description="Prompt sets by name besides the built-ins, as the extractor's: give both the same sets.")
     paper_dir: Path | None = Field(
         None, description="The study's released materials; enables the 'wu2026' split and the 'perceptualqa' items.")
     choice_items: dict[str, ChoiceFiles] = Field(
