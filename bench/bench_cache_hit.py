@@ -19,12 +19,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import signal
-import socket
 import statistics
-import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -32,6 +27,8 @@ from types import TracebackType
 from typing import TYPE_CHECKING
 
 import numpy as np
+
+from sensorium.experiment.launcher import start_service
 
 if TYPE_CHECKING:
     from sensorium.client import Activations
@@ -42,12 +39,6 @@ ROOT = Path(__file__).resolve().parents[1]
 MODELS_DIR = ROOT / "var" / "bench-models"
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 class Extractor:
     """The extractor as deployed, on a free port, until the ``with`` block ends.
 
@@ -56,14 +47,9 @@ class Extractor:
     """
 
     def __init__(self, data_dir: Path, model: str, threads: int, timeout: float = 900.0) -> None:
-        self.port = free_port()
-        self.address = f"127.0.0.1:{self.port}"
         self.data_dir = data_dir
-        self.log = data_dir / "extractor.log"
         self.timeout = timeout
-        self.env = {**os.environ, "SENSORIUM_EXTRACTOR_PORT": str(self.port),
-                    "SENSORIUM_EXTRACTOR_DATA_DIR": str(data_dir / "extractor"),
-                    "SENSORIUM_EXTRACTOR_MODELS_DIR": str(MODELS_DIR),
+        self.env = {"SENSORIUM_EXTRACTOR_MODELS_DIR": str(MODELS_DIR),
                     "SENSORIUM_EXTRACTOR_ADAPTERS_DIR": str(data_dir / "adapters"),
                     "SENSORIUM_EXTRACTOR_PRELOAD": json.dumps([model]),
                     "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
@@ -74,45 +60,12 @@ class Extractor:
 
     def __enter__(self) -> Extractor:
         self.data_dir.mkdir(parents=True, exist_ok=True)
-        self.proc = subprocess.Popen([sys.executable, "-m", "services.extractor"], cwd=ROOT, env=self.env,
-                                     stdout=subprocess.DEVNULL, stderr=open(self.log, "wb"))
-        try:
-            self._wait_ready()
-        except BaseException:
-            self._stop()
-            raise
+        self.service = start_service("extractor", self.data_dir, self.env, self.timeout)
+        self.address = self.service.address
         return self
 
     def __exit__(self, kind: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None) -> None:
-        self._stop()
-
-    def _wait_ready(self) -> None:
-        import grpc
-        from grpc_health.v1 import health_pb2, health_pb2_grpc
-
-        deadline = time.monotonic() + self.timeout
-        request = health_pb2.HealthCheckRequest(service="sensorium.v1.Extractor")
-        with grpc.insecure_channel(self.address) as channel:
-            stub = health_pb2_grpc.HealthStub(channel)
-            while time.monotonic() < deadline:
-                if self.proc.poll() is not None:
-                    raise RuntimeError(f"extractor exited with {self.proc.returncode}:\n{self.log.read_text()}")
-                try:
-                    if stub.Check(request, timeout=1).status == health_pb2.HealthCheckResponse.SERVING:
-                        return
-                except grpc.RpcError:
-                    pass
-                time.sleep(0.2)
-        raise TimeoutError(f"extractor not ready after {self.timeout} s:\n{self.log.read_text()}")
-
-    def _stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        self.service.stop()
 
 
 def extract_in_place(stub: epb_grpc.ExtractorStub, request: epb.ExtractRequest,

@@ -13,11 +13,6 @@ Needs ``../shared/data/paper-wu2026`` (the released materials are not shipped wi
 from __future__ import annotations
 
 import argparse
-import json
-import os
-import signal
-import socket
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -27,33 +22,6 @@ DEFAULT_TABLE = ROOT.parent / "shared/data/paper-wu2026/model-ratings/En_all_mod
 DIMS = ["Auditory", "Gustatory", "Haptic", "Interoceptive", "Olfactory", "Visual", "Foot", "Hand", "Head",
         "Mouth", "Torso"]
 MODELS = {"base": "base", "En_FT": "en_ft", "Nl_FT": "nl_ft", "QA_FT": "QA_ft"}
-
-
-def start_analyzer(data_dir: Path) -> tuple[subprocess.Popen, str]:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    env = {**os.environ, "SENSORIUM_ANALYZER_PORT": str(port), "SENSORIUM_ANALYZER_DATA_DIR": str(data_dir),
-           "SENSORIUM_ANALYZER_LOG_LEVEL": "WARNING"}
-    proc = subprocess.Popen([sys.executable, "-m", "services.analyzer"], cwd=ROOT, env=env)
-    return proc, f"127.0.0.1:{port}"
-
-
-def wait_ready(address: str, proc: subprocess.Popen, timeout: float = 60.0) -> None:
-    import grpc
-    from grpc_health.v1 import health_pb2, health_pb2_grpc
-
-    deadline = time.monotonic() + timeout
-    with grpc.insecure_channel(address) as channel:
-        stub = health_pb2_grpc.HealthStub(channel)
-        while time.monotonic() < deadline and proc.poll() is None:
-            try:
-                status = stub.Check(health_pb2.HealthCheckRequest(service="sensorium.v1.Analyzer"), timeout=1).status
-                if status == health_pb2.HealthCheckResponse.SERVING:
-                    return
-            except grpc.RpcError:
-                time.sleep(0.2)
-    raise SystemExit(f"the analyzer did not become ready at {address}")
 
 
 def main() -> int:
@@ -69,12 +37,13 @@ def main() -> int:
         return 1
 
     from sensorium.client import AnalyzerClient, table_data
+    from sensorium.experiment.launcher import start_service
     from sensorium.rsa import DimensionSet, RsaOptions
 
     args.out.mkdir(parents=True, exist_ok=True)
-    proc, address = start_analyzer(args.out / "analyzer")
+    analyzer = start_service("analyzer", args.out, {"SENSORIUM_ANALYZER_LOG_LEVEL": "WARNING"})
+    address = analyzer.address
     try:
-        wait_ready(address, proc)
         print(f"analyzer serving at {address}")
         with AnalyzerClient(address) as client:
             info = client.register_table("wu2026-en", args.table.read_bytes(), replace=True)
@@ -90,8 +59,7 @@ def main() -> int:
             dims = client.dimensions(data, [("En_FT", "base"), ("Nl_FT", "base"), ("QA_FT", "base")])
             words = client.words(data, [("En_FT", "base"), ("Nl_FT", "base"), ("QA_FT", "base")])
     finally:
-        proc.send_signal(signal.SIGTERM)
-        proc.wait(timeout=30)
+        analyzer.stop()
 
     for name, report in (("rsa", rsa), ("dimensions", dims), ("words", words)):
         (args.out / f"{name}.json").write_text(report.model_dump_json(indent=1))

@@ -370,7 +370,8 @@ class Client:
     def from_env(cls, **channel_options: Any) -> Client:
         import os
 
-        return cls(*(os.environ.get(f"SENSORIUM_{n.upper()}_ADDRESS", "") for n in ("analyzer", "extractor", "trainer")),
+        address = {n: os.environ.get(f"SENSORIUM_{n.upper()}_ADDRESS", "") for n in ("analyzer", "extractor", "trainer")}
+        return cls(**address,
                    token=os.environ.get("SENSORIUM_TOKEN") or None, **channel_options)
 
     def _client(self, name: str, kind: type) -> Any:

@@ -2,17 +2,13 @@
 
 from __future__ import annotations
 
-import os
-import signal
-import socket
-import subprocess
-import sys
-import time
 from collections import defaultdict
 from pathlib import Path
 
-import grpc
 import pytest
+
+from sensorium.experiment.launcher import ServiceProcess as RunningService
+from sensorium.experiment.launcher import start_service
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared" / "data"
@@ -25,54 +21,10 @@ def need_shared(path: Path) -> Path:
     return path
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-class ServiceProcess:
+def ServiceProcess(name: str, tmp: Path, env: dict[str, str] | None = None,  # noqa: N802
+                   timeout: float = 60.0) -> RunningService:
     """``python -m services.<name>`` as a real process on a loopback port, as a container runs it."""
-
-    def __init__(self, name: str, tmp: Path, env: dict[str, str] | None = None, timeout: float = 60.0) -> None:
-        self.name = name
-        self.port = free_port()
-        self.address = f"127.0.0.1:{self.port}"
-        self.log = tmp / f"{name}-{self.port}.log"
-        prefix = f"SENSORIUM_{name.upper()}_"
-        full_env = {**os.environ, f"{prefix}PORT": str(self.port), f"{prefix}DATA_DIR": str(tmp / name),
-                    **(env or {})}
-        self.proc = subprocess.Popen([sys.executable, "-m", f"services.{name}"], cwd=ROOT, env=full_env,
-                                     stdout=subprocess.DEVNULL, stderr=open(self.log, "wb"))
-        self.wait_ready(f"sensorium.v1.{name.capitalize()}", timeout)
-
-    def wait_ready(self, service: str, timeout: float) -> None:
-        from grpc_health.v1 import health_pb2, health_pb2_grpc
-
-        deadline = time.monotonic() + timeout
-        with grpc.insecure_channel(self.address) as channel:
-            stub = health_pb2_grpc.HealthStub(channel)
-            while time.monotonic() < deadline:
-                if self.proc.poll() is not None:
-                    raise RuntimeError(f"{self.name} exited with {self.proc.returncode}:\n{self.log.read_text()}")
-                try:
-                    reply = stub.Check(health_pb2.HealthCheckRequest(service=service), timeout=1)
-                    if reply.status == health_pb2.HealthCheckResponse.SERVING:
-                        return
-                except grpc.RpcError:
-                    pass
-                time.sleep(0.1)
-        raise TimeoutError(f"{self.name} not ready after {timeout} s:\n{self.log.read_text()}")
-
-    def stop(self) -> int:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        return self.proc.returncode
+    return start_service(name, tmp, env, timeout)
 
 
 @pytest.fixture(scope="session")

@@ -75,9 +75,8 @@ def start_service(name: str, state: Path, env: dict[str, str] | None = None, tim
     """``python -m services.<name>`` on a free loopback port, ready when this returns."""
     port = free_port()
     prefix = f"SENSORIUM_{name.upper()}_"
-    logs = state / "logs"
-    logs.mkdir(parents=True, exist_ok=True)
-    log = logs / f"{name}.log"
+    state.mkdir(parents=True, exist_ok=True)
+    log = state / f"{name}.log"  # beside the service's data folder, state/<name>
     full_env = {**os.environ, f"{prefix}PORT": str(port), f"{prefix}HOST": "127.0.0.1",
                 f"{prefix}DATA_DIR": str(state / name), **(env or {})}
     with open(log, "ab") as sink:
@@ -102,7 +101,8 @@ class LocalServices:
 
     def __enter__(self) -> LocalServices:
         s = self.state
-        shared = {"SENSORIUM_EXTRACTOR_MODELS_DIR": str(s / "models"), "SENSORIUM_TRAINER_MODELS_DIR": str(s / "models"),
+        shared = {"SENSORIUM_EXTRACTOR_MODELS_DIR": str(s / "models"),
+                  "SENSORIUM_TRAINER_MODELS_DIR": str(s / "models"),
                   "SENSORIUM_EXTRACTOR_ADAPTERS_DIR": str(s / "adapters"),
                   "SENSORIUM_TRAINER_ADAPTERS_DIR": str(s / "adapters"),
                   "SENSORIUM_EXTRACTOR_CACHE_DIR": str(s / "cache"), **self.env}
