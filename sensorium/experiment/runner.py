@@ -31,6 +31,9 @@ from sensorium.rsa.analysis import DimensionSet
 from sensorium.storage import atomic_write_bytes
 from sensorium.training.spec import TrainingSpec
 
+#: words per rating request: progress after each
+RATE_CHUNK = 256
+
 #: ``say(line)``: where progress goes (the CLI prints it)
 Say = Callable[[str], None]
 
@@ -226,17 +229,24 @@ class Run:
             stored = json.loads(path.read_text())
             return np.array(stored["ratings"], dtype=np.float64), float(stored["parse_rate"])
         began = time.monotonic()
-        reply = self.clients.extractor.rate(self.spec.base_model, words, dims, language=test.language,
-                                            max_new_tokens=4 if readout == "greedy" else 0, adapter=adapter,
-                                            prompts=prompts)
         out = np.full((len(words), len(dims)), np.nan)
         row, col = {w: i for i, w in enumerate(words)}, {d: j for j, d in enumerate(dims)}
-        parsed = 0
-        for r in reply.ratings:
-            value = r.expected if readout == "expected" else (r.parsed if r.HasField("parsed") else np.nan)
-            parsed += readout == "greedy" and r.HasField("parsed")
-            out[row[r.word], col[r.dimension]] = value
-        rate = parsed / max(1, len(reply.ratings)) if readout == "greedy" else 1.0
+        parsed = answered = 0
+        # in chunks, so that a long test set shows its progress and a retry repeats one chunk only
+        for start in range(0, len(words), RATE_CHUNK):
+            chunk = words[start:start + RATE_CHUNK]
+            reply = self.clients.extractor.rate(self.spec.base_model, chunk, dims, language=test.language,
+                                                max_new_tokens=4 if readout == "greedy" else 0, adapter=adapter,
+                                                prompts=prompts)
+            for r in reply.ratings:
+                value = r.expected if readout == "expected" else (r.parsed if r.HasField("parsed") else np.nan)
+                parsed += readout == "greedy" and r.HasField("parsed")
+                out[row[r.word], col[r.dimension]] = value
+            answered += len(reply.ratings)
+            if start + RATE_CHUNK < len(words):
+                self.say(f"[rate] {test.name}, {label}: {start + len(chunk)}/{len(words)} words, "
+                         f"{time.monotonic() - began:.0f} s")
+        rate = parsed / max(1, answered) if readout == "greedy" else 1.0
         record = {"ratings": [[None if np.isnan(v) else v for v in r] for r in out], "parse_rate": rate,
                   "adapter": adapter, "words": words, "dimensions": dims, "prompts": prompts,
                   "templates": {t.dimension: t.digest for t in reply.templates},
