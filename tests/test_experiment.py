@@ -344,3 +344,16 @@ def test_cli_refuses_an_invalid_spec_with_the_field_path(tmp_path: Path, capsys:
     err = capsys.readouterr().err
     assert err.startswith("error: ") and "words.size" in err
     assert not (tmp_path / "out").exists()
+
+
+def test_dimension_sets_the_norms_lack_are_left_out_not_imputed() -> None:
+    from sensorium.experiment.runner import TestWords, available_sets
+    from sensorium.rsa import DimensionSet
+
+    dims = ["auditory", "gustatory", "haptic", "olfactory", "visual"]  # five perceptual scales, no motor
+    test = TestWords("ru", "ru", ["a", "b", "c"], dims, np.zeros((3, 5)),
+                     (DimensionSet(name="all"), DimensionSet(name="motor", features=["hand_arm", "foot_leg"]),
+                      DimensionSet(name="vah", features=["visual", "auditory", "haptic"])), "russian")
+    said: list[str] = []
+    assert [s.name for s in available_sets(test, said.append)] == ["all", "vah"]
+    assert said == ["[analyze] ru: motor not available (russian lacks hand_arm, foot_leg)"]

@@ -26,7 +26,7 @@ from sensorium.errors import FailedPrecondition, InvalidArgument, NotFound
 from sensorium.experiment.spec import ExperimentSpec
 from sensorium.norms import Norms
 from sensorium.representations import Representations
-from sensorium.rsa import RsaOptions
+from sensorium.rsa import RsaOptions, RsaReport
 from sensorium.rsa.analysis import DimensionSet
 from sensorium.storage import atomic_write_bytes
 from sensorium.training.spec import TrainingSpec
@@ -257,6 +257,23 @@ class Run:
         return out, rate
 
 
+def available_sets(test: TestWords, say: Say | None = None) -> list[DimensionSet]:
+    """The test set's dimension sets its norms can answer; the others are reported as not available.
+
+    A set that names a dimension the norms lack (a Russian dataset has no motor dimensions) is
+    left out, never imputed, so its cells stay empty (n/a) in the tables and the transfer matrix.
+    """
+    out = []
+    for s in test.dimension_sets:
+        lacking = [f for f in s.features if f not in test.dimensions]
+        if lacking:
+            if say is not None:
+                say(f"[analyze] {test.name}: {s.name} not available ({test.dataset} lacks {', '.join(lacking)})")
+            continue
+        out.append(s)
+    return out
+
+
 def _ci(ci: Any) -> tuple[float | None, float | None]:
     return (ci.low, ci.high) if ci is not None else (None, None)
 
@@ -264,7 +281,6 @@ def _ci(ci: Any) -> tuple[float | None, float | None]:
 def run_experiment(plan: Plan, folder: Path, clients: Client, say: Say = print):
     """The whole study; returns the results the report is built from."""
     from sensorium import report
-    from sensorium.rsa import RsaReport
     from sensorium.stats import DimensionsReport, WordsReport
 
     spec, a = plan.spec, plan.spec.analyses
@@ -288,25 +304,13 @@ def run_experiment(plan: Plan, folder: Path, clients: Client, say: Say = print):
             ratings[name], parse_rates[test.name, name] = run.ratings(test, adapter, name)
         reps = reps_of[test.name] = Representations(tuple(test.words), tuple(test.dimensions), test.human,
                                                     models=ratings)
-        say(f"[analyze] {test.name}: RSA with {a.n_bootstrap} bootstrap resamples")
-        sets, rsa_pairs, steiger_pairs = list(test.dimension_sets), pairs if a.n_bootstrap else [], \
-            pairs if a.steiger else []
-        rsa = run.analysis("rsa", test.name, RsaReport,
-                           lambda: clients.analyzer.rsa(reps, sets, rsa_pairs, options), reps, sets, rsa_pairs, options)
+        sets = available_sets(test, say)
+        if sets:
+            _rsa_step(run, test, reps, sets, pairs, described, options, results)
+        steiger_pairs = pairs if a.steiger else []
         per_dim = run.analysis("dimensions", test.name, DimensionsReport,
                                lambda: clients.analyzer.dimensions(reps, steiger_pairs, n_bootstrap=0, seed=a.seed),
                                reps, steiger_pairs, a.seed)
-        results.rsa += [report.RsaRow(model=r.model, test_set=test.name, dimension_set=r.dimension_set, rsa=r.rsa,
-                                      ci_low=_ci(r.ci)[0], ci_high=_ci(r.ci)[1], n_words=r.n_words)
-                        for r in rsa.results]
-        results.rsa_differences += [
-            report.RsaDifferenceRow(model_a=d.model_a, model_b=d.model_b, test_set=test.name,
-                                    dimension_set=d.dimension_set, difference=d.difference, ci_low=d.ci.low,
-                                    ci_high=d.ci.high, n_words=d.n_words) for d in rsa.differences]
-        results.transfer += [
-            report.TransferRow(trained_on=described[d.model_a], tested_on=f"{test.name}: {d.dimension_set}",
-                               model=d.model_a, base=d.model_b, difference=d.difference, ci_low=d.ci.low,
-                               ci_high=d.ci.high) for d in rsa.differences]
         results.dimensions += [
             report.DimensionRow(model=c.model, test_set=test.name, dimension=c.feature, spearman=c.spearman,
                                 pearson=c.pearson, n_words=c.n_words) for c in per_dim.correlations]
@@ -323,8 +327,6 @@ def run_experiment(plan: Plan, folder: Path, clients: Client, say: Say = print):
             results.words += [report.WordRow(test_set=test.name, word=w, model=s.model, similarity=v)
                               for s in words_report.similarities
                               for w, v in zip(s.words, s.similarity, strict=True)]
-        if not results.methods:
-            results.methods.append(rsa.method)
     results.methods += [
         "Per-dimension correlations: Spearman and Pearson of model and human ratings over the held-out words; "
         "fine-tuned vs base compared with Steiger's (1980) z-test for dependent correlations sharing the human "
@@ -334,6 +336,30 @@ def run_experiment(plan: Plan, folder: Path, clients: Client, say: Say = print):
     if a.layers is not None:
         _layer_analyses(run, plan, reps_of, variants, pairs, results)
     return results
+
+
+def _rsa_step(run: Run, test: TestWords, reps: Representations, sets: list[DimensionSet],
+              pairs: list[tuple[str, str]], described: dict[str, str], options: RsaOptions, results: Any) -> None:
+    """RSA of every model on one test set, its differences from the base, and its transfer-matrix cells."""
+    from sensorium import report
+
+    a = run.spec.analyses
+    run.say(f"[analyze] {test.name}: RSA with {a.n_bootstrap} bootstrap resamples")
+    rsa_pairs = pairs if a.n_bootstrap else []
+    rsa = run.analysis("rsa", test.name, RsaReport,
+                       lambda: run.clients.analyzer.rsa(reps, sets, rsa_pairs, options), reps, sets, rsa_pairs, options)
+    results.rsa += [report.RsaRow(model=r.model, test_set=test.name, dimension_set=r.dimension_set, rsa=r.rsa,
+                                  ci_low=_ci(r.ci)[0], ci_high=_ci(r.ci)[1], n_words=r.n_words) for r in rsa.results]
+    results.rsa_differences += [
+        report.RsaDifferenceRow(model_a=d.model_a, model_b=d.model_b, test_set=test.name, dimension_set=d.dimension_set,
+                                difference=d.difference, ci_low=d.ci.low, ci_high=d.ci.high, n_words=d.n_words)
+        for d in rsa.differences]
+    results.transfer += [
+        report.TransferRow(trained_on=described[d.model_a], tested_on=f"{test.name}: {d.dimension_set}",
+                           model=d.model_a, base=d.model_b, difference=d.difference, ci_low=d.ci.low,
+                           ci_high=d.ci.high) for d in rsa.differences]
+    if rsa.method not in results.methods:
+        results.methods.insert(0, rsa.method)
 
 
 def _layer_analyses(run: Run, plan: Plan, reps_of: dict[str, Representations], variants: dict[str, str],
@@ -349,7 +375,7 @@ def _layer_analyses(run: Run, plan: Plan, reps_of: dict[str, Representations], v
     reps = reps_of[test.name]
     say(f"[analyze] {test.name}: layer-wise RSA ({la.pooling} pooling, {la.n_bootstrap} bootstrap resamples)")
     options = RsaOptions(n_bootstrap=la.n_bootstrap, seed=spec.analyses.seed, confidence=spec.analyses.confidence)
-    sets, layer_pairs = list(test.dimension_sets), pairs if la.n_bootstrap else []
+    sets, layer_pairs = available_sets(test), pairs if la.n_bootstrap else []
     layered = run.analysis(
         "layer-rsa", test.name, LayerRsaReport,
         lambda: clients.analyzer.layer_rsa(reps, spec.base_model, variants, layers=list(la.layers), pooling=la.pooling,
