@@ -353,3 +353,13 @@ def test_mutual_tls(tmp_path: Path) -> None:
             assert info.value.code() == grpc.StatusCode.UNAVAILABLE
     finally:
         server.close()
+
+
+@pytest.mark.parametrize("token", ["", "   "])
+def test_an_empty_auth_token_is_refused_not_taken_as_a_secret(token: str) -> None:
+    from pydantic import ValidationError
+
+    from services.analyzer.settings import AnalyzerSettings
+
+    with pytest.raises(ValidationError, match="auth_token is empty"):
+        AnalyzerSettings(auth_token=token)

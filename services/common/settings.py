@@ -53,6 +53,14 @@ class ServiceSettings(BaseSettings):
         None, description="PEM CA bundle; when set, clients must present a certificate it signed (mutual TLS)."
     )
 
+    @field_validator("auth_token")
+    @classmethod
+    def _token_not_empty(cls, value: SecretStr | None) -> SecretStr | None:
+        # An empty token would turn auth on with a secret anyone can send: refuse it, loudly.
+        if value is not None and not value.get_secret_value().strip():
+            raise ValueError("auth_token is empty; unset it to run without auth, or set a real token")
+        return value
+
     @field_validator("log_level")
     @classmethod
     def _known_log_level(cls, value: str) -> str:
