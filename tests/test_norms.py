@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import math
 import time
+import zipfile
 from pathlib import Path
 
 import numpy as np
 import pytest
 import yaml
 
-from sensorium.errors import FailedPrecondition, InvalidArgument, NotFound
+from sensorium.errors import InvalidArgument, NotFound
 from sensorium.norms import (
     DIMENSION_SETS,
     DIMENSIONS,
@@ -202,15 +203,65 @@ def test_declaration_typos_fail_with_the_field_path(tmp_path: Path) -> None:
         load_declared(declaration(tmp_path, "data.csv", columns={"auditory": "aud"}))
 
 
-def test_xlsx_needs_openpyxl(tmp_path: Path) -> None:
-    try:
-        import openpyxl  # noqa: F401
-    except ImportError:
-        (tmp_path / "data.xlsx").write_bytes(b"PK")
-        with pytest.raises(FailedPrecondition, match="openpyxl"):
-            load_declared(declaration(tmp_path, "data.xlsx"))
-    else:
-        pytest.skip("openpyxl is installed; the missing-dependency message cannot be shown")
+def xlsx(path: Path, sheets: dict[str, list[list[object]]]) -> Path:
+    """A minimal workbook as Excel writes one: strings shared, numbers inline, the first row at A1."""
+    strings: list[str] = []
+
+    def cell(ref: str, value: object) -> str:
+        if isinstance(value, str):
+            strings.append(value)
+            return f'<c r="{ref}" t="s"><v>{len(strings) - 1}</v></c>'
+        return f'<c r="{ref}"><v>{value}</v></c>'
+
+    main = 'xmlns="http://schemas.openxmlformats.org/spreadsheetml/2006/main"'
+    rel = 'xmlns:r="http://schemas.openxmlformats.org/officeDocument/2006/relationships"'
+    parts: dict[str, str] = {}
+    for n, rows in enumerate(sheets.values(), start=1):
+        body = "".join(f'<row r="{i}">' + "".join(cell(f"{chr(65 + j)}{i}", v) for j, v in enumerate(row)) + "</row>"
+                       for i, row in enumerate(rows, start=1))
+        parts[f"xl/worksheets/sheet{n}.xml"] = f"<worksheet {main}><sheetData>{body}</sheetData></worksheet>"
+    listed = "".join(f'<sheet name="{name}" sheetId="{n}" r:id="rId{n}"/>' for n, name in enumerate(sheets, start=1))
+    parts["xl/workbook.xml"] = f"<workbook {main} {rel}><sheets>{listed}</sheets></workbook>"
+    links = "".join(f'<Relationship Id="rId{n}" Target="worksheets/sheet{n}.xml"/>' for n in range(1, len(sheets) + 1))
+    parts["xl/_rels/workbook.xml.rels"] = (
+        f'<Relationships xmlns="http://schemas.openxmlformats.org/package/2006/relationships">{links}</Relationships>')
+    items = "".join(f"<si><t>{s}</t></si>" for s in strings)
+    parts["xl/sharedStrings.xml"] = f"<sst {main}>{items}</sst>"
+    with zipfile.ZipFile(path, "w") as book:
+        for name, text in parts.items():
+            book.writestr(name, text)
+    return path
+
+
+def test_xlsx_sheet_with_title_rows_and_notes_below(tmp_path: Path) -> None:
+    rows: list[list[object]] = [["Ratings", "", "", ""], ["word", "vis", "aud", "vis_sd"],
+                                ["Zon", 7, 4, 0.6], ["maan", 4, 1, 1.2], ["", "", "", ""], ["mean of all", 5.5, 2.5]]
+    xlsx(tmp_path / "data.xlsx", {"about": [["notes only"]], "table": rows})
+    norms = load_declared(declaration(tmp_path, "data.xlsx", sheet="table", header_row=2, last_row=4, rows=2))
+    assert norms.words == ("zon", "maan")
+    np.testing.assert_allclose(norms.means, [[2.5, 5.0], [0.0, 2.5]])
+    with pytest.raises(InvalidArgument, match="no sheet 'data'; sheets: about, table"):
+        load_declared(declaration(tmp_path, "data.xlsx", sheet="data"))
+    with pytest.raises(InvalidArgument, match="3 data rows below the header, but dataset 'custom' documents 2"):
+        load_declared(declaration(tmp_path, "data.xlsx", sheet="table", header_row=2, last_row=6, rows=2))
+
+
+def test_a_file_that_is_no_workbook_is_named(tmp_path: Path) -> None:
+    (tmp_path / "data.xlsx").write_bytes(b"PK")
+    with pytest.raises(InvalidArgument, match=r"data\.xlsx: not a readable \.xlsx workbook"):
+        load_declared(declaration(tmp_path, "data.xlsx"))
+
+
+def test_keep_rows_and_first_of_repeated_words(tmp_path: Path) -> None:
+    body = "word,vis,aud,kind\nzon,7,4,noun\nzon,1,1,verb\nNA,,,english\nmaan,4,1,noun\n"
+    (tmp_path / "data.csv").write_text(body, encoding="utf-8")
+    keep = {"kind": ["noun", "verb"]}
+    norms = load_declared(declaration(tmp_path, "data.csv", sd_columns={}, keep_rows=keep, duplicates="first"))
+    assert norms.words == ("zon", "maan") and norms.means[0].tolist() == [2.5, 5.0]
+    with pytest.raises(InvalidArgument, match="line 3, column 'word': duplicate word 'zon'"):
+        load_declared(declaration(tmp_path, "data.csv", sd_columns={}, keep_rows=keep))
+    with pytest.raises(InvalidArgument, match="no column 'sort'"):
+        load_declared(declaration(tmp_path, "data.csv", sd_columns={}, keep_rows={"sort": ["noun"]}))
 
 
 # --- validation errors name file, line and column ---------------------------------------------

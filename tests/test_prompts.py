@@ -47,7 +47,9 @@ class PlainTokenizer:
 # --- built-ins -------------------------------------------------------------------------------
 
 def test_available_languages_and_dimensions() -> None:
-    assert available() == {"en": DIMENSIONS, "nl": SENSORY}
+    own_files = {"en": DIMENSIONS, "nl": SENSORY}
+    english_instructions = {lang: DIMENSIONS for lang in ("de", "es", "fr", "hr", "it", "ru", "zh")}
+    assert available() == own_files | english_instructions
     for language, dims in available().items():
         for dim in dims:
             t = default_template(language, dim)
@@ -56,8 +58,8 @@ def test_available_languages_and_dimensions() -> None:
 
 def test_default_lookup_is_case_insensitive_and_missing_names_are_listed() -> None:
     assert default_template("EN", "Visual") == default_template("en", "visual")
-    with pytest.raises(NotFound, match="en, nl"):
-        default_template("fr", "visual")
+    with pytest.raises(NotFound, match="available: de, en, es, fr, hr, it, nl, ru, zh"):
+        default_template("xx", "visual")
     with pytest.raises(NotFound, match="auditory.*visual"):
         default_template("nl", "torso")
 

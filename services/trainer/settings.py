@@ -36,6 +36,9 @@ class TrainerSettings(ServiceSettings):
     norms: dict[str, str] = Field(
         default_factory=dict,
         description="Norms datasets by name besides the built-in ones: a dataset declaration (.yaml) each.")
+    norms_root: Path | None = Field(
+        None, description="Folder holding the registered norms datasets' files (one sub-folder each, as the "
+                          "shared data/norms); offers them by registry name, e.g. 'italian-repetto2023-ciria'.")
     prompt_sets: dict[str, Path] = Field(
         default_factory=dict,
         description="Prompt sets by name besides the built-ins, as the extractor's: give both the same sets.")
