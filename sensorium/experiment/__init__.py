@@ -74,7 +74,7 @@ def run(spec_path: str | Path, out: str | Path | None = None, addresses: Address
             raise InvalidArgument(f"give every service's address or none; missing: {', '.join(missing)}")
     folder = Path(out) if out else Path("runs") / spec.name
     state_dir = Path(state) if state else folder / "state"
-    plan = plan_experiment(spec, _local_tokenizer(spec, state_dir / "models"))
+    plan = plan_experiment(spec, _local_tokenizer(spec, state_dir / "models"), say)
     folder.mkdir(parents=True, exist_ok=True)
     with contextlib.ExitStack() as stack:
         where = addresses
@@ -83,6 +83,8 @@ def run(spec_path: str | Path, out: str | Path | None = None, addresses: Address
             env = dict(services_env or {})
             if spec.paper_dir is not None:
                 env.setdefault("SENSORIUM_TRAINER_PAPER_DIR", str(spec.paper_dir))
+            if spec.norms_root is not None:
+                env.setdefault("SENSORIUM_TRAINER_NORMS_ROOT", str(spec.norms_root))
             if spec.prompts is not None and spec.prompts.path is not None:
                 sets = json.dumps({spec.prompts.name: str(spec.prompts.path)})
                 env.setdefault("SENSORIUM_EXTRACTOR_PROMPT_SETS", sets)

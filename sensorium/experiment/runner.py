@@ -79,12 +79,12 @@ class Plan:
     tests: list[TestWords]
 
 
-def plan_experiment(spec: ExperimentSpec, tokenizer: Any | None = None) -> Plan:
+def plan_experiment(spec: ExperimentSpec, tokenizer: Any | None = None, say: Say | None = None) -> Plan:
     """The word pool, each condition's training spec and each test set's words; missing data is named here."""
     from sensorium.training.data import rating_split
     from sensorium.training.execute import DataCatalog
 
-    catalog = DataCatalog(paper_dir=spec.paper_dir)
+    catalog = DataCatalog(paper_dir=spec.paper_dir, norms_root=spec.norms_root)
     have = None
     if spec.prompts is not None and spec.prompts.path is not None:
         from sensorium.prompts.sets import load_prompt_folder
@@ -92,22 +92,32 @@ def plan_experiment(spec: ExperimentSpec, tokenizer: Any | None = None) -> Plan:
         have = load_prompt_folder(spec.prompts.path)  # a missing folder or a bad template fails now
     pool = word_pool(spec, catalog.norms(spec.norms), tokenizer)
     trainings = [spec.training_spec(i, pool) for i in range(len(spec.conditions))]
+    trained = _trained_words(spec, trainings, catalog)
     tests = []
     for t in spec.tests:
         probe = spec.test_spec(t, pool)
         if probe.data.split.kind == "wu2026" and spec.paper_dir is None:
             raise InvalidArgument(f"test set {t.name!r}: split 'wu2026' needs paper_dir (the study's released files)")
-        split, norms, dims = rating_split(probe, catalog.norms, spec.paper_dir)
+        if t.words == "all":
+            norms = catalog.norms(probe.data.norms)
+            dims = tuple(probe.data.dimensions) or norms.dimensions
+            means = norms.subset(dims).means  # NotFound names a dimension these norms lack
+            words = [w for w, ok in zip(norms.words, np.isfinite(means).any(axis=1).tolist(), strict=True) if ok]
+            if t.exclude_trained and trained:
+                words = _untrained(words, norms, catalog.norms(spec.norms), trained, t.name, say)
+        else:
+            split, norms, dims = rating_split(probe, catalog.norms, spec.paper_dir)
+            words = list(split.test)
         lacking = [d for d in dims if have is not None and (probe.data.language, d) not in have]
         if lacking:
             raise NotFound(f"test set {t.name!r}: prompts {spec.prompts.path} have no {probe.data.language} "
                            f"template for {', '.join(lacking)}")
-        words = sorted(split.test)
+        words = sorted(words)
         if t.max_words is not None and t.max_words < len(words):
             idx = np.random.default_rng(probe.data.split.seed).choice(len(words), size=t.max_words, replace=False)
             words = sorted(words[i] for i in idx)
         if len(words) < 3:
-            raise InvalidArgument(f"test set {t.name!r}: {len(words)} held-out words; RSA needs at least 3")
+            raise InvalidArgument(f"test set {t.name!r}: {len(words)} test words; RSA needs at least 3")
         human = norms.subset(dims).means[[norms.index[w] for w in words]]
         tests.append(TestWords(t.name, probe.data.language, words, list(dims), human, t.dimension_sets, norms.dataset))
     for c, training in zip(spec.conditions, trainings, strict=True):
@@ -119,6 +129,40 @@ def plan_experiment(spec: ExperimentSpec, tokenizer: Any | None = None) -> Plan:
         else:
             rating_split(training, catalog.norms, spec.paper_dir)  # a missing file or dimension fails now
     return Plan(spec, pool, trainings, tests)
+
+
+def _trained_words(spec: ExperimentSpec, trainings: list[TrainingSpec], catalog: Any) -> set[str]:
+    """English words any rating condition of the spec's own norms trained or validated on."""
+    from sensorium.training.data import rating_split
+
+    out: set[str] = set()
+    for training in trainings:
+        if training.task == "rating" and training.data.language == spec.language:
+            split, _, _ = rating_split(training, catalog.norms, spec.paper_dir)
+            out.update(split.train, split.validation)
+    return out
+
+
+def _untrained(words: list[str], norms: Norms, english: Norms, trained: set[str], name: str,
+               say: Say | None) -> list[str]:
+    """Another language's words less those whose English counterpart (by gloss, one-to-one) was trained on.
+
+    Datasets in the spec's own language are their own counterparts; a dataset with no gloss
+    cannot be checked and is kept whole, with a warning.
+    """
+    from sensorium.norms import align
+
+    if norms.language == english.language:
+        return [w for w in words if w not in trained]
+    if norms.gloss is None:
+        if say is not None:
+            say(f"[words] {name}: {norms.dataset} has no English gloss; trained concepts cannot be excluded")
+        return words
+    paired = dict(align(norms, english, ("gloss",)).pairs)
+    kept = [w for w in words if paired.get(w) not in trained]
+    if say is not None:
+        say(f"[words] {name}: {len(words) - len(kept)} words whose English gloss was trained on left out")
+    return kept
 
 
 def trained_on(training: TrainingSpec) -> str:

@@ -72,6 +72,11 @@ class TestSet(_Strict):
     dimensions: tuple[str, ...] = ()  # rated; empty: every dimension of the norms
     dimension_sets: tuple[DimensionSet, ...] = ()  # RSA over these; empty: analyses.dimension_sets
     max_words: int | None = Field(None, ge=3)  # a seeded subsample of the held-out words, for quick runs
+    # "held-out": the test part of ``split``; "all": every rated word of the norms (another
+    # language's dataset), less the concepts any condition trained on when ``exclude_trained``
+    words: Literal["held-out", "all"] = "held-out"
+    # drop words whose English counterpart (the dataset's gloss, one-to-one) a condition trained on
+    exclude_trained: bool = True
 
 
 class LayerAnalysis(_Strict):
@@ -108,6 +113,8 @@ class ExperimentSpec(_Strict):
     split: dict[str, Any] = Field(default_factory=lambda: {"seed": 0, "validation": 0.05, "test": 0.2})
     # The study's released materials (split "wu2026", PerceptualQA); relative to the spec file.
     paper_dir: Path | None = None
+    # Folder of registered norms datasets (one sub-folder each); relative to the spec file.
+    norms_root: Path | None = None
     prompts: PromptSource | None = None  # default: the built-in templates
     conditions: tuple[Condition, ...] = ()
     test_sets: tuple[TestSet, ...] = ()  # empty: one set, "held-out", from norms, language and split
@@ -204,8 +211,9 @@ def load_spec(path: str | Path) -> ExperimentSpec:
         given = Path(str(value)).expanduser()
         return str(given if given.is_absolute() else (path.parent / given).resolve())
 
-    if raw.get("paper_dir") is not None:
-        raw["paper_dir"] = beside(raw["paper_dir"])
+    for key in ("paper_dir", "norms_root"):
+        if raw.get(key) is not None:
+            raw[key] = beside(raw[key])
     if isinstance(raw.get("prompts"), dict) and raw["prompts"].get("path") is not None:
         raw["prompts"] = {**raw["prompts"], "path": beside(raw["prompts"]["path"])}
     try:
