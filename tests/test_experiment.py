@@ -290,6 +290,14 @@ def test_client_sdk_reports_an_unreachable_service(tmp_path: Path) -> None:
 ROOT = Path(__file__).resolve().parents[1]
 
 
+def miniature_training(data: dict) -> None:
+    """Every condition of a shipped spec cut to two tiny steps: the recipe's shape, not its cost."""
+    for c in data["conditions"]:
+        c["training"] |= {"lora": {"r": 4, "alpha": 8, "dropout": 0.0},
+                          "optim": {"max_steps": 2, "batch_size": 8, "micro_batch_size": 8, "learning_rate": 1e-3},
+                          "eval": {"every_steps": 2, "checkpoint_every_steps": 2}}
+
+
 def test_wu2026_spec_runs_at_miniature_size(tmp_path: Path, tiny_model_path: Path) -> None:
     """experiments/wu2026.yaml as shipped, with the tiny model, 16 training concepts, 24 test words, 2 steps."""
     from conftest import need_shared
@@ -300,10 +308,7 @@ def test_wu2026_spec_runs_at_miniature_size(tmp_path: Path, tiny_model_path: Pat
     data = shipped.model_dump(mode="json")
     data["base_model"] = "tiny"
     data["split"]["max_train_words"] = 16
-    for c in data["conditions"]:
-        c["training"] |= {"lora": {"r": 4, "alpha": 8, "dropout": 0.0},
-                          "optim": {"max_steps": 2, "batch_size": 8, "micro_batch_size": 8, "learning_rate": 1e-3},
-                          "eval": {"every_steps": 2, "checkpoint_every_steps": 2}}
+    miniature_training(data)
     for t in data["test_sets"]:
         t["max_words"] = 24
     data["analyses"] |= {"n_bootstrap": 20, "layers": {**data["analyses"]["layers"], "n_bootstrap": 0,
@@ -369,10 +374,7 @@ def test_crosslingual_spec_runs_at_small_size(tmp_path: Path, tiny_model_path: P
     data = shipped.model_dump(mode="json")
     data["base_model"] = "tiny"
     data["words"] = {"size": 60, "seed": 0, "alphabetic": True}
-    for c in data["conditions"]:
-        c["training"] |= {"lora": {"r": 4, "alpha": 8, "dropout": 0.0},
-                          "optim": {"max_steps": 2, "batch_size": 8, "micro_batch_size": 8, "learning_rate": 1e-3},
-                          "eval": {"every_steps": 2, "checkpoint_every_steps": 2}}
+    miniature_training(data)
     for t in data["test_sets"]:
         t["max_words"] = 12
     data["analyses"]["n_bootstrap"] = 20
