@@ -364,23 +364,25 @@ def test_dimension_sets_the_norms_lack_are_left_out_not_imputed() -> None:
     assert said == ["[analyze] ru: motor not available (russian lacks hand_arm, foot_leg)"]
 
 
-def test_crosslingual_spec_runs_at_small_size(tmp_path: Path, tiny_model_path: Path) -> None:
-    """experiments/crosslingual.yaml as shipped, with the tiny model, 12 words per language and 2 steps."""
+@pytest.mark.slow
+def test_crosslingual_spec_runs_at_small_size(tmp_path: Path, smollm2_store) -> None:
+    """experiments/crosslingual.yaml as shipped, on the embedded model: 12 words per language, 2 steps."""
     from conftest import SHARED, need_shared
 
     shipped = load_spec(ROOT / "experiments" / "crosslingual.yaml")
     assert shipped.norms_root is not None and shipped.norms_root.resolve() == (SHARED / "norms").resolve()
     need_shared(SHARED / "norms" / "italian-repetto2023-ciria")
     data = shipped.model_dump(mode="json")
-    data["base_model"] = "tiny"
     data["words"] = {"size": 60, "seed": 0, "alphabetic": True}
     miniature_training(data)
     for t in data["test_sets"]:
         t["max_words"] = 12
     data["analyses"]["n_bootstrap"] = 20
     lines: list[str] = []
+    store = str(smollm2_store.root)  # the session's converted model, shared by both services
     outcome = run(write_spec(tmp_path / "crosslingual-mini.yaml", data), tmp_path / "run", say=lines.append,
-                  services_env=services_env(tiny_model_path))
+                  services_env={"SENSORIUM_EXTRACTOR_MODELS_DIR": store, "SENSORIUM_TRAINER_MODELS_DIR": store,
+                                "SENSORIUM_TRAINER_DEVICE": "cpu"})
     languages = ["english", "italian", "chinese", "croatian", "russian", "french", "dutch"]
     ratings = report.ExperimentResults.model_validate_json((outcome.folder / "results.json").read_bytes()).ratings
     assert [m.test_set for m in ratings] == languages and all(len(m.words) == 12 for m in ratings)
