@@ -92,7 +92,16 @@ def plan_experiment(spec: ExperimentSpec, tokenizer: Any | None = None, say: Say
         have = load_prompt_folder(spec.prompts.path)  # a missing folder or a bad template fails now
     pool = word_pool(spec, catalog.norms(spec.norms), tokenizer)
     trainings = [spec.training_spec(i, pool) for i in range(len(spec.conditions))]
-    trained = _trained_words(spec, trainings, catalog)
+    for c, training in zip(spec.conditions, trainings, strict=True):
+        if training.task == "choice":
+            try:
+                catalog.choice_items(training.data.choice_items)
+            except NotFound as exc:
+                raise NotFound(f"condition {c.name!r}: {exc} (PerceptualQA comes with paper_dir)") from None
+    # each rating condition's split, once: a missing file or dimension fails now
+    splits = [(t, rating_split(t, catalog.norms, spec.paper_dir)[0]) for t in trainings if t.task == "rating"]
+    # English words any condition on the spec's own language trained or validated on
+    trained = {w for t, split in splits if t.data.language == spec.language for w in (*split.train, *split.validation)}
     tests = []
     for t in spec.tests:
         probe = spec.test_spec(t, pool)
@@ -120,27 +129,7 @@ def plan_experiment(spec: ExperimentSpec, tokenizer: Any | None = None, say: Say
             raise InvalidArgument(f"test set {t.name!r}: {len(words)} test words; RSA needs at least 3")
         human = norms.subset(dims).means[[norms.index[w] for w in words]]
         tests.append(TestWords(t.name, probe.data.language, words, list(dims), human, t.dimension_sets, norms.dataset))
-    for c, training in zip(spec.conditions, trainings, strict=True):
-        if training.task == "choice":
-            try:
-                catalog.choice_items(training.data.choice_items)
-            except NotFound as exc:
-                raise NotFound(f"condition {c.name!r}: {exc} (PerceptualQA comes with paper_dir)") from None
-        else:
-            rating_split(training, catalog.norms, spec.paper_dir)  # a missing file or dimension fails now
     return Plan(spec, pool, trainings, tests)
-
-
-def _trained_words(spec: ExperimentSpec, trainings: list[TrainingSpec], catalog: Any) -> set[str]:
-    """English words any rating condition of the spec's own norms trained or validated on."""
-    from sensorium.training.data import rating_split
-
-    out: set[str] = set()
-    for training in trainings:
-        if training.task == "rating" and training.data.language == spec.language:
-            split, _, _ = rating_split(training, catalog.norms, spec.paper_dir)
-            out.update(split.train, split.validation)
-    return out
 
 
 def _untrained(words: list[str], norms: Norms, english: Norms, trained: set[str], name: str,
