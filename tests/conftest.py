@@ -43,6 +43,14 @@ def pytest_runtest_logreport(report: pytest.TestReport) -> None:
 
 
 def pytest_terminal_summary(terminalreporter) -> None:
+    import json
+
+    import reliability
+
+    for section, figures in reliability.recorded().items():
+        terminalreporter.section(f"reliability: {section}")
+        for key, value in figures.items():
+            terminalreporter.write_line(f"{key}: {json.dumps(value, sort_keys=True)}")
     if not _durations:
         return
     terminalreporter.section("time per test file")
@@ -133,3 +141,10 @@ def unbatched_rating(model: Any, tokenizer: Any, prompt: str) -> tuple[float, fl
     with torch.inference_mode():
         p = torch.softmax(model(input_ids).logits[0, -1].double(), -1)[[ids[0] for ids in digits]]
     return float((p / p.sum()) @ torch.arange(6.0, dtype=torch.float64)), float(p.sum())
+
+
+# ---- figures of the reliability suites, written once at the end of the run -------------------
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    import reliability
+
+    reliability.write()

@@ -155,6 +155,25 @@ def test_auth(secured: ServerThread) -> None:
         assert health_of(ch, "") == SERVING
 
 
+@pytest.mark.parametrize("method", ["/sensorium.v1.Analyzer/ListTables", "/grpc.health.v1.Health/Check",
+                                    "/grpc.health.v1.Health/Watch"])
+def test_bytes_that_do_not_parse_are_invalid_argument_not_internal(channel: grpc.Channel, method: str) -> None:
+    call = (channel.unary_stream if method.endswith("Watch") else channel.unary_unary)(method)
+    with pytest.raises(grpc.RpcError) as info:
+        reply = call(b"\xff\xff\xff\x0f not a message", timeout=5)
+        list(reply) if method.endswith("Watch") else reply
+    assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert info.value.details() == f"the request is not a valid message for {method} (18 bytes that do not parse)"
+    assert call(b"", timeout=5) is not None  # the empty message parses: the server is fine
+
+
+def test_auth_is_checked_before_the_request_is_parsed(secured: ServerThread) -> None:
+    with grpc.insecure_channel(secured.target) as ch:
+        with pytest.raises(grpc.RpcError) as info:
+            ch.unary_unary("/sensorium.v1.Analyzer/ListTables")(b"\xff\xff", timeout=5)
+        assert info.value.code() == grpc.StatusCode.UNAUTHENTICATED
+
+
 def test_library_error_maps_to_status(channel: grpc.Channel) -> None:
     with pytest.raises(grpc.RpcError) as info:
         analyzer_pb2_grpc.AnalyzerStub(channel).DeleteTable(analyzer_pb2.DeleteTableRequest(name="x"), timeout=5)

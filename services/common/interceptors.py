@@ -20,7 +20,7 @@ from typing import Any
 import grpc
 from prometheus_client import Counter, Histogram
 
-from sensorium.errors import SensoriumError
+from sensorium.errors import InvalidArgument, SensoriumError
 from services.common.errors import status_for
 from services.common.logging import current_request_id, request_id_var
 
@@ -166,6 +166,53 @@ class AuthInterceptor(GuardInterceptor):
             if not hmac.compare_digest(presented, self._expected):
                 await context.abort(grpc.StatusCode.UNAUTHENTICATED, "missing or invalid bearer token")
         yield
+
+
+class DecodeInterceptor(grpc.aio.ServerInterceptor):
+    """Parses request bytes inside the RPC, so that bytes that are not the declared message get
+    INVALID_ARGUMENT with a message instead of gRPC's own INTERNAL "Exception deserializing request!".
+
+    It must be the innermost interceptor: the guards outside it (auth, metrics, errors) are entered
+    first, so an unauthenticated caller learns nothing about whether its bytes parsed.
+    """
+
+    async def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], Any],
+        handler_call_details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler | None:
+        handler = await continuation(handler_call_details)
+        if handler is None or handler.request_streaming or handler.request_deserializer is None:
+            return handler
+        parse, behaviour = handler.request_deserializer, handler.unary_unary or handler.unary_stream
+        method = handler_call_details.method
+
+        def decoded(raw: bytes) -> Any:
+            try:
+                return parse(raw)
+            except Exception:  # DecodeError, or a parser's own error on bytes of the wrong shape
+                raise InvalidArgument(f"the request is not a valid message for {method} "
+                                      f"({len(raw)} bytes that do not parse)") from None
+
+        async def unary(raw: bytes, context: grpc.aio.ServicerContext) -> Any:
+            # unary responses, and streaming ones written with ``context.write`` (the health Watch)
+            result = behaviour(decoded(raw), context)
+            return await result if inspect.isawaitable(result) else result
+
+        async def streaming(raw: bytes, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
+            responses = behaviour(decoded(raw), context)
+            if hasattr(responses, "__aiter__"):
+                async for response in responses:
+                    yield response
+            else:
+                for response in responses:
+                    yield response
+
+        generates = inspect.isasyncgenfunction(behaviour) or inspect.isgeneratorfunction(behaviour)
+        wrapped = streaming if handler.response_streaming and generates else unary
+        factory = grpc.unary_stream_rpc_method_handler if handler.response_streaming else \
+            grpc.unary_unary_rpc_method_handler
+        return factory(wrapped, request_deserializer=None, response_serializer=handler.response_serializer)
 
 
 class ErrorInterceptor(GuardInterceptor):

@@ -21,7 +21,13 @@ import prometheus_client
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from services.common.interceptors import AuthInterceptor, ErrorInterceptor, MetricsInterceptor, RequestIdInterceptor
+from services.common.interceptors import (
+    AuthInterceptor,
+    DecodeInterceptor,
+    ErrorInterceptor,
+    MetricsInterceptor,
+    RequestIdInterceptor,
+)
 from services.common.logging import configure_logging
 from services.common.settings import ServiceSettings
 
@@ -65,7 +71,7 @@ def build_server(
     interceptors: list[grpc.aio.ServerInterceptor] = [RequestIdInterceptor(), MetricsInterceptor()]
     if settings.auth_token is not None:
         interceptors.append(AuthInterceptor(settings.auth_token.get_secret_value()))
-    interceptors.append(ErrorInterceptor())
+    interceptors += [ErrorInterceptor(), DecodeInterceptor()]  # decoding innermost: after auth
     server = grpc.aio.server(
         interceptors=interceptors,
         options=[
