@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 PROTOS := $(wildcard proto/sensorium/v1/*.proto)
 STUBS := $(patsubst proto/%.proto,%_pb2.py,$(PROTOS))
 
-.PHONY: setup proto test test-gpu demo paper bench bench-env bench-models bench-gpu snapshot clean
+.PHONY: setup proto test test-gpu test-reliability reliability-readme demo paper bench bench-env bench-models bench-gpu snapshot clean
 
 setup: $(VENV)/.installed proto
 
@@ -26,6 +26,15 @@ sensorium/v1/%_pb2.py: proto/sensorium/v1/%.proto $(VENV)/.installed
 
 test: setup
 	$(PY) -m pytest $(PYTEST_ARGS)
+
+# The reliability suites scaled up (10x fuzzing, 64 clients x 200 requests): about an hour here.
+test-reliability: setup
+	SENSORIUM_RELIABILITY=heavy $(PY) -m pytest tests/test_fuzz.py tests/test_faults.py tests/test_load.py \
+		tests/test_security.py $(PYTEST_ARGS)
+
+# README's Reliability figures, rewritten from the last run's var/reliability/figures.json.
+reliability-readme: setup
+	$(PY) bench/reliability_readme.py
 
 test-gpu: setup
 	$(PY) -m pytest -m gpu $(PYTEST_ARGS)
