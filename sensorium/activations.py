@@ -8,13 +8,14 @@ attention mask, and the tests check that a word's vector does not depend on its 
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal, get_args
 
 import numpy as np
 
-from sensorium.errors import InvalidArgument
+from sensorium.errors import Cancelled, InvalidArgument
 
 Pooling = Literal["last", "word-mean", "mean"]
 POOLINGS: tuple[str, ...] = get_args(Pooling)
@@ -110,12 +111,13 @@ def texts_for(words: Sequence[str], render: Callable[[str], str] | None) -> tupl
 
 
 def iter_activations(model: Any, tokenizer: Any, words: Sequence[str], layers: list[int], pooling: Pooling,
-                     render: Callable[[str], str] | None = None,
-                     batch_size: int = 64) -> Iterator[tuple[int, dict[int, np.ndarray]]]:
+                     render: Callable[[str], str] | None = None, batch_size: int = 64,
+                     cancel: threading.Event | None = None) -> Iterator[tuple[int, dict[int, np.ndarray]]]:
     """Yield ``(first word index, {layer: batch x width float32})`` batch by batch.
 
     One forward pass per batch serves every requested layer; the language-model head is skipped
-    (``base_model``), since only hidden states are wanted.
+    (``base_model``), since only hidden states are wanted. Once ``cancel`` is set, the next batch
+    raises ``Cancelled`` instead of running (see ``sensorium.errors.Cancelled``).
     """
     import torch
 
@@ -124,6 +126,7 @@ def iter_activations(model: Any, tokenizer: Any, words: Sequence[str], layers: l
     body = getattr(model, "base_model", model)
     device = next(model.parameters()).device
     for first in range(0, len(words), batch_size):
+        Cancelled.check(cancel, first, len(words))
         chunk = list(words[first:first + batch_size])
         texts, spans = texts_for(chunk, render)
         enc = encode(tokenizer, texts, spans)

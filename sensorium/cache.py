@@ -32,6 +32,7 @@ logger = logging.getLogger(__name__)
 
 MANIFEST = "manifest.json"
 FORMAT = 1
+STORE = "vector cache"  # the store's name in errors
 
 
 class Space(BaseModel):
@@ -68,6 +69,7 @@ class CacheStats:
     misses: int = 0
     evictions: int = 0
     corrupt_rebuilds: int = 0
+    failed_flushes: int = 0
 
 
 def _new_index(dim: int):
@@ -184,33 +186,49 @@ class VectorCache:
 
     # ---- persistence -----------------------------------------------------------------------
     def flush(self) -> None:
-        """Write changed spaces and then the manifest, each atomically."""
+        """Write changed spaces and then the manifest, each atomically.
+
+        A write that fails (``StorageFull``, ``StorageReadOnly``, any OSError) raises and leaves
+        the previous manifest and its files as they were; the changed spaces stay marked dirty,
+        so the next flush writes them again, and the vectors in memory are unaffected.
+        """
         if self.root is None:
             return
         import faiss
 
         with self._lock:
             files: dict[str, dict] = {}
-            for key, entry in self._spaces.items():
-                if not entry.dirty and key in self._manifest_files:
-                    files[key] = self._manifest_files[key]
-                    continue
-                index_bytes = faiss.serialize_index(entry.index).tobytes()
-                keys_bytes = json.dumps({"space": entry.space.model_dump(), "dim": entry.dim, "ids": entry.ids,
-                                         "used": entry.used, "next_id": entry.next_id}).encode()
-                files[key] = {}
-                for kind, data in (("faiss", index_bytes), ("keys.json", keys_bytes)):
-                    digest = sha256_bytes(data)
-                    name = f"{key}.{digest[:16]}.{kind}"  # content-addressed: never overwrites a live file
-                    if not (self.root / name).exists():
-                        atomic_write_bytes(self.root / name, data)
-                    files[key][name] = digest
+            written: list[_SpaceIndex] = []
+            try:
+                for key, entry in self._spaces.items():
+                    if not entry.dirty and key in self._manifest_files:
+                        files[key] = self._manifest_files[key]
+                        continue
+                    index_bytes = faiss.serialize_index(entry.index).tobytes()
+                    keys_bytes = json.dumps({"space": entry.space.model_dump(), "dim": entry.dim, "ids": entry.ids,
+                                             "used": entry.used, "next_id": entry.next_id}).encode()
+                    files[key] = {}
+                    for kind, data in (("faiss", index_bytes), ("keys.json", keys_bytes)):
+                        digest = sha256_bytes(data)
+                        name = f"{key}.{digest[:16]}.{kind}"  # content-addressed: never overwrites a live file
+                        if not (self.root / name).exists():
+                            atomic_write_bytes(self.root / name, data, STORE)
+                        files[key][name] = digest
+                    written.append(entry)
+                atomic_write_json(self.root / MANIFEST, {"format": FORMAT, "tick": self._tick, "spaces": files},
+                                  STORE)
+            except BaseException:
+                self.stats.failed_flushes += 1
+                raise
+            for entry in written:  # only now: a failed flush must be retried by the next one
                 entry.dirty = False
-            atomic_write_json(self.root / MANIFEST, {"format": FORMAT, "tick": self._tick, "spaces": files})
             self._manifest_files = files
             live = {name for f in files.values() for name in f} | {MANIFEST}
             for stale in self.root.iterdir():
-                if stale.is_file() and stale.name not in live and not stale.name.startswith("."):
+                # files no manifest names, and temporary files of a writer killed mid-write
+                # (one process writes a cache folder, so none of them is in progress)
+                temporary = stale.name.startswith(".") and stale.name.endswith(".tmp")
+                if stale.is_file() and stale.name not in live and (temporary or not stale.name.startswith(".")):
                     stale.unlink(missing_ok=True)
 
     def _load(self) -> None:

@@ -6,6 +6,7 @@ CLI into a one-line message and a non-zero exit, so the library never needs to k
 
 from __future__ import annotations
 
+import threading
 from typing import Any, TypeVar
 
 from pydantic import BaseModel, ValidationError
@@ -43,6 +44,34 @@ class Unauthenticated(SensoriumError):
 
 class Unavailable(SensoriumError):
     """A service this one depends on cannot be reached; retrying later may succeed."""
+
+
+class StorageFull(ResourceExhausted):
+    """A store's disk or quota is full (ENOSPC, EDQUOT): nothing was written, what it held is intact."""
+
+
+class StorageReadOnly(FailedPrecondition):
+    """A store cannot be written (EROFS, EACCES, EPERM): nothing was written, what it held is intact."""
+
+
+class Cancelled(SensoriumError):
+    """The caller stopped waiting (it cancelled, or its deadline passed), so the work stopped early.
+
+    Long computations (``rate``, ``iter_activations``) take a ``threading.Event`` that the service
+    sets when the RPC that asked for them ends, and call ``check`` between batches: a forward pass
+    cannot be interrupted, but nothing after it is computed for nobody. ``done`` of ``total`` says
+    how far the work got.
+    """
+
+    def __init__(self, done: int, total: int, unit: str = "words") -> None:
+        super().__init__(f"cancelled after {done} of {total} {unit}")
+        self.done, self.total, self.unit = done, total, unit
+
+    @classmethod
+    def check(cls, cancel: threading.Event | None, done: int, total: int, unit: str = "words") -> None:
+        """Raise when ``cancel`` is set; called at batch boundaries, where stopping loses nothing."""
+        if cancel is not None and cancel.is_set():
+            raise cls(done, total, unit)
 
 
 def _invalid(model: type[BaseModel], exc: ValidationError) -> InvalidArgument:

@@ -17,13 +17,14 @@ from __future__ import annotations
 
 import copy
 import re
+import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
 import numpy as np
 
-from sensorium.errors import FailedPrecondition, InvalidArgument
+from sensorium.errors import Cancelled, FailedPrecondition, InvalidArgument
 
 ANSWERS = ("0", "1", "2", "3", "4", "5")
 _NUMBER = re.compile(r"(?<![\d.])(\d+(?:\.\d+)?)")
@@ -305,8 +306,6 @@ class _SharedPrefixBatch:
         (before the final norm) of the tokens indexed by ``keep``; None: none wanted, the keys and
         values are the point, and the last layer stops at them.
         """
-        import torch
-
         m = self.model
         t, n = ids.shape[0], self.lengths.shape[0]
         kvh, g, d = m.kv_heads, m.group, m.head_dim
@@ -373,20 +372,26 @@ class _SharedPrefixBatch:
 
 
 def rate(model: Any, tokenizer: Any, words: Sequence[str], prompt: Callable[[str], str], batch_size: int = 32,
-         max_new_tokens: int = 0, reuse_prefix: bool = True, shared_prefix_path: bool | None = None) -> Ratings:
+         max_new_tokens: int = 0, reuse_prefix: bool = True, shared_prefix_path: bool | None = None,
+         cancel: threading.Event | None = None) -> Ratings:
     """Both scorings of ``words`` under one prompt (already chat-formatted if wanted).
 
     With ``max_new_tokens`` > 0 the greedy answer is decoded too, continuing from the same
     forward pass that gave the expected rating; 0 skips decoding (the expected rating alone).
     ``shared_prefix_path`` chooses how the model is run: None uses the layer-by-layer path
     where the architecture fits it, False always the model's own forward (for comparison).
+    Once ``cancel`` is set, the next batch raises ``Cancelled`` instead of running.
     """
     import torch
 
     answer_ids = answer_token_ids(tokenizer)
     device = next(model.parameters()).device
     prefix, _ = split_prompt(prompt)
-    full = [tokenizer(prompt(w), add_special_tokens=True)["input_ids"] for w in words]
+    full = []
+    for i, w in enumerate(words):  # tens of thousands of prompts take seconds: stoppable too
+        if i % batch_size == 0:
+            Cancelled.check(cancel, 0, len(words))
+        full.append(tokenizer(prompt(w), add_special_tokens=True)["input_ids"])
     head, reusable = _shared_head(tokenizer, prefix, full) if reuse_prefix else ([], np.zeros(len(full), bool))
     expected = np.empty(len(words))
     mass = np.empty(len(words))
@@ -430,9 +435,12 @@ def rate(model: Any, tokenizer: Any, words: Sequence[str], prompt: Callable[[str
                 answers[r] = tokenizer.decode([t for t in generated[i] if t != eos], skip_special_tokens=True)
 
         order = np.argsort([len(f) for f in full], kind="stable")  # similar lengths batch together
+        done = 0
         for flag, start in ((True, len(head)), (False, 0)):
             rows = [int(r) for r in order if reusable[r] == flag]
             for b in range(0, len(rows), batch_size):
+                Cancelled.check(cancel, done, len(words))
                 run(rows[b:b + batch_size], start)
+                done += len(rows[b:b + batch_size])
     parsed = [parse_rating(a) if max_new_tokens else None for a in answers]
     return Ratings(expected, mass, answers, parsed, reusable)

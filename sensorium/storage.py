@@ -3,19 +3,30 @@
 A write goes to a temporary file in the same folder, is flushed to disk and renamed over the
 target, so a reader sees the old file or the new one, never half of one. Checksums let a load
 tell a damaged file from a good one instead of serving it.
+
+A write the disk refuses (full, read-only) becomes ``StorageFull`` or ``StorageReadOnly`` naming
+the store, so a caller is told what to fix instead of an errno; the temporary file is removed and
+the previous file is untouched.
 """
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import importlib.metadata
 import json
 import os
 import platform
 import tempfile
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
-from collections.abc import Iterable
 from typing import Any
+
+from sensorium.errors import SensoriumError, StorageFull, StorageReadOnly
+
+FULL = frozenset({errno.ENOSPC, errno.EDQUOT})
+READ_ONLY = frozenset({errno.EROFS, errno.EACCES, errno.EPERM})
 
 
 def library_versions(libraries: Iterable[str]) -> dict[str, str | None]:
@@ -50,21 +61,44 @@ def fsync_path(path: Path) -> None:
         os.close(fd)
 
 
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+def storage_error(exc: OSError, store: str, folder: Path) -> SensoriumError | None:
+    """What a failed write means for the caller, or None when it is not about room or permission."""
+    if exc.errno in FULL:
+        return StorageFull(f"no space left on the {store} store ({folder}); free space and retry")
+    if exc.errno in READ_ONLY:
+        return StorageReadOnly(f"the {store} store is read-only or not writable ({folder}: "
+                               f"{os.strerror(exc.errno)})")
+    return None
+
+
+@contextmanager
+def writing(store: str, folder: Path) -> Iterator[None]:
+    """Writes to ``store`` (a name for messages) under ``folder``: a full or read-only disk is named."""
     try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    fsync_path(path.parent)
+        yield
+    except OSError as exc:
+        if (error := storage_error(exc, store, Path(folder))) is None:
+            raise
+        raise error from exc
 
 
-def atomic_write_json(path: Path, obj: Any) -> None:
-    atomic_write_bytes(path, (json.dumps(obj, indent=2, sort_keys=True) + "\n").encode())
+def atomic_write_bytes(path: Path, data: bytes, store: str | None = None) -> None:
+    """Replace ``path`` with ``data`` all at once; ``store`` names it in errors (default: its folder's name)."""
+    path = Path(path)
+    with writing(store or path.parent.name, path.parent):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        try:
+            with os.fdopen(fd, "wb") as f:
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+        fsync_path(path.parent)
+
+
+def atomic_write_json(path: Path, obj: Any, store: str | None = None) -> None:
+    atomic_write_bytes(path, (json.dumps(obj, indent=2, sort_keys=True) + "\n").encode(), store)

@@ -26,7 +26,7 @@ from enum import Enum
 from pathlib import Path
 from typing import Any
 
-from sensorium.errors import AlreadyExists, InvalidArgument, NotFound, SensoriumError
+from sensorium.errors import AlreadyExists, InvalidArgument, NotFound, SensoriumError, StorageFull, StorageReadOnly
 
 logger = logging.getLogger(__name__)
 
@@ -116,8 +116,22 @@ CREATE TABLE IF NOT EXISTS events (
 """
 
 
+def _storage_error(exc: sqlite3.Error, path: Path) -> SensoriumError | None:
+    """SQLite's own codes for a full or unwritable disk, as the errors every store raises for them."""
+    code = getattr(exc, "sqlite_errorcode", 0) & 0xFF  # the primary code: SQLITE_FULL, not its extensions
+    if code == sqlite3.SQLITE_FULL:
+        return StorageFull(f"no space left on the job store ({path}); free space and retry")
+    if code in (sqlite3.SQLITE_READONLY, sqlite3.SQLITE_PERM, sqlite3.SQLITE_CANTOPEN):
+        return StorageReadOnly(f"the job store is read-only or not writable ({path}: {exc})")
+    return None
+
+
 class JobStore:
-    """Jobs and events in one SQLite file; every change is one transaction."""
+    """Jobs and events in one SQLite file; every change is one transaction.
+
+    A change the disk refuses raises ``StorageFull`` or ``StorageReadOnly`` and changes nothing:
+    SQLite rolls the transaction back, and every job and event stored before stays readable.
+    """
 
     def __init__(self, path: Path) -> None:
         self.path = Path(path)
@@ -138,13 +152,19 @@ class JobStore:
     @contextmanager
     def _tx(self) -> Iterator[sqlite3.Connection]:
         with self._lock:
-            self._db.execute("BEGIN IMMEDIATE")
             try:
-                yield self._db
-            except BaseException:
-                self._db.execute("ROLLBACK")
-                raise
-            self._db.execute("COMMIT")
+                self._db.execute("BEGIN IMMEDIATE")
+                try:
+                    yield self._db
+                except BaseException:
+                    if self._db.in_transaction:  # SQLite has already rolled back after SQLITE_FULL
+                        self._db.execute("ROLLBACK")
+                    raise
+                self._db.execute("COMMIT")
+            except sqlite3.Error as exc:
+                if (error := _storage_error(exc, self.path)) is None:
+                    raise
+                raise error from exc
             self._changed.notify_all()
 
     @staticmethod

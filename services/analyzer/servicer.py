@@ -6,7 +6,6 @@ calls keep being answered, and a bounded queue refuses work beyond ``max_queued`
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import Callable
 from typing import Any, TypeVar
 
@@ -88,8 +87,8 @@ class AnalyzerServicer(apb_grpc.AnalyzerServicer):
         return out, cached
 
     async def _compute(self, fn: Callable[[], T]) -> T:
-        async with self.slots.slot():
-            return await asyncio.to_thread(fn)
+        # the slot is held until the thread ends, even when the caller has gone (see ``in_thread``)
+        return await self.slots.run(lambda _: fn())
 
     def _data(self, msg: apb.Representations) -> Representations:
         return wire.representations_from_proto(msg, self.tables.get)

@@ -26,7 +26,7 @@ import numpy as np
 from sensorium import wire
 from sensorium.activations import POOLINGS, iter_activations, resolve_layers
 from sensorium.cache import Space, VectorCache
-from sensorium.errors import InvalidArgument, NotFound, ResourceExhausted
+from sensorium.errors import Cancelled, InvalidArgument, NotFound, ResourceExhausted, StorageFull, StorageReadOnly
 from sensorium.models.adapters import AdapterHost, AdapterManifest, AdapterStore, check_adapter_id
 from sensorium.models.store import LoadedModel, ModelRegistry, ModelStore
 from sensorium.prompts import available, chat_prompt
@@ -35,7 +35,7 @@ from sensorium.prompts.template import PromptTemplate
 from sensorium.ratings import Ratings, rate
 from sensorium.v1 import extractor_pb2 as epb
 from sensorium.v1 import extractor_pb2_grpc as epb_grpc
-from services.common.workers import WorkSlots
+from services.common.workers import WorkSlots, in_thread
 from services.extractor.settings import ExtractorSettings
 
 logger = logging.getLogger(__name__)
@@ -151,7 +151,22 @@ class ExtractorServicer(epb_grpc.ExtractorServicer):
         return min(requested or self.settings.max_batch_size, self.settings.max_batch_size)
 
     def _model(self, name: str) -> Awaitable[Resident]:
-        return asyncio.to_thread(self.models.get, name)
+        return in_thread(lambda _: self.models.get(name))
+
+    def _flush(self) -> None:
+        """Save the vector cache; a failure is logged as a warning, never made the request's error.
+
+        Why: when an Extract flushes, its vectors are computed and streamed, and they are correct
+        whether or not the disk takes them. The cache keeps them in memory, still marked unsaved,
+        so the next flush retries, and the files on disk stay the previous, intact state. Failing
+        the RPC would throw correct work away over a problem (a full or read-only disk) only the
+        operator can fix: the warning and ``cache.stats.failed_flushes`` are for the operator.
+        """
+        try:
+            self.cache.flush()
+        except (StorageFull, StorageReadOnly, OSError) as exc:
+            logger.warning("vector cache not saved; serving from memory and retrying at the next flush: %s", exc,
+                           extra={"failed_flushes": self.cache.stats.failed_flushes})
 
     async def ListModels(self, request: epb.ListModelsRequest, context) -> epb.ListModelsResponse:
         out = []
@@ -188,12 +203,19 @@ class ExtractorServicer(epb_grpc.ExtractorServicer):
             model = resident.model
             started = time.monotonic()
 
-            def work() -> tuple[list[Ratings], AdapterManifest | None]:
+            def work(cancel: threading.Event) -> tuple[list[Ratings], AdapterManifest | None]:
                 with resident.host.use(request.adapter or None) as adapter:
-                    return [rate(model.model, model.tokenizer, words, renderer(t, model.tokenizer), batch_size,
-                                 request.max_new_tokens) for t in templates], adapter
+                    out = []
+                    for i, t in enumerate(templates):
+                        try:
+                            out.append(rate(model.model, model.tokenizer, words, renderer(t, model.tokenizer),
+                                            batch_size, request.max_new_tokens, cancel=cancel))
+                        except Cancelled as exc:  # how far the whole request got, not this dimension alone
+                            raise Cancelled(i * len(words) + exc.done, len(templates) * len(words), "ratings") \
+                                from None
+                    return out, adapter
 
-            per_dimension, adapter = await asyncio.to_thread(work)
+            per_dimension, adapter = await in_thread(work)
         logger.info("rated", extra={"model": model.name, "adapter": request.adapter, "words": len(words),
                                     "dimensions": len(templates), "seconds": round(time.monotonic() - started, 3)})
         ratings = []
@@ -233,7 +255,7 @@ class ExtractorServicer(epb_grpc.ExtractorServicer):
             rows = min(batch_size, self._rows_per_chunk(model.hidden_size))
             started, hits, misses = time.monotonic(), 0, 0
 
-            def batch(chunk: list[str]) -> tuple[dict[int, np.ndarray], dict[int, int]]:
+            def batch(chunk: list[str], cancel: threading.Event) -> tuple[dict[int, np.ndarray], dict[int, int]]:
                 """Vectors of ``chunk`` per layer, from the cache where possible, and the hits per layer."""
                 found = {k: self.cache.get_many(spaces[k], chunk) for k in layers}
                 missing = [w for w in chunk if any(w not in found[k][0] for k in layers)]
@@ -241,7 +263,7 @@ class ExtractorServicer(epb_grpc.ExtractorServicer):
                 if missing:
                     with resident.host.use(request.adapter or None):
                         for first, by_layer in iter_activations(model.model, model.tokenizer, missing, layers,
-                                                                pooling, render, batch_size):
+                                                                pooling, render, batch_size, cancel):
                             names = missing[first:first + len(next(iter(by_layer.values())))]
                             for k, vectors in by_layer.items():
                                 self.cache.put_many(spaces[k], names, vectors)
@@ -250,10 +272,11 @@ class ExtractorServicer(epb_grpc.ExtractorServicer):
                        for k in layers}
                 return out, {k: len(found[k][0]) for k in layers}
 
+            completed = False
             try:
                 for first in range(0, len(words), rows):
                     chunk = words[first:first + rows]
-                    vectors, from_cache = await asyncio.to_thread(batch, chunk)
+                    vectors, from_cache = await in_thread(lambda cancel, chunk=chunk: batch(chunk, cancel))
                     for k in layers:
                         hits += from_cache[k]
                         misses += len(chunk) - from_cache[k]
@@ -261,11 +284,14 @@ class ExtractorServicer(epb_grpc.ExtractorServicer):
                                                vectors=wire.matrix_to_proto(vectors[k], "float32"),
                                                from_cache=from_cache[k], template_digest=digest,
                                                model_digest=model.digest, adapter_digest=adapter)
+                completed = True
             finally:
-                await asyncio.to_thread(self.cache.flush)
+                # a dropped stream stops at a chunk boundary; what it computed is cached all the same
+                await in_thread(lambda _: self._flush())
                 logger.info("extracted", extra={
-                    "model": model.name, "adapter": request.adapter, "words": len(words), "layers": layers, "pooling": pooling,
-                    "template": digest, "cache_hits": hits, "cache_misses": misses,
+                    "model": model.name, "adapter": request.adapter, "words": len(words), "layers": layers,
+                    "pooling": pooling, "template": digest, "cache_hits": hits, "cache_misses": misses,
+                    "completed": completed,
                     "seconds": round(time.monotonic() - started, 3)})
 
     async def Nearest(self, request: epb.NearestRequest, context) -> epb.NearestResponse:
@@ -314,7 +340,7 @@ class ExtractorServicer(epb_grpc.ExtractorServicer):
         adapter = self._adapter_request(request)
         async with self.slots.slot():
             resident = await self._model(request.model)
-            manifest = await asyncio.to_thread(resident.host.load, adapter)
+            manifest = await in_thread(lambda _: resident.host.load(adapter))
         return self._info(manifest)
 
     async def UnloadAdapter(self, request: epb.AdapterRequest, context) -> epb.AdapterInfo:
