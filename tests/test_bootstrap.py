@@ -13,7 +13,7 @@ import subprocess
 import threading
 import time
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -72,12 +72,12 @@ def add_fake(server: grpc.aio.Server) -> list[str]:
 class ServerThread:
     """A server on its own event loop in a background thread, so tests can use blocking stubs."""
 
-    def __init__(self, **settings: Any) -> None:
+    def __init__(self, add: Callable[[grpc.aio.Server], list[str]] = add_fake, **settings: Any) -> None:
         self.loop = asyncio.new_event_loop()
         self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
         self.thread.start()
         settings = {"port": 0, **settings}
-        self.running: RunningServer = self.call(start_server(TestSettings(**settings), add_fake))
+        self.running: RunningServer = self.call(start_server(TestSettings(**settings), add))
         self.call(self.running.mark_ready())
         self.target = f"127.0.0.1:{self.running.port}"
 
@@ -382,3 +382,27 @@ def test_an_empty_auth_token_is_refused_not_taken_as_a_secret(token: str) -> Non
 
     with pytest.raises(ValidationError, match="auth_token is empty"):
         AnalyzerSettings(auth_token=token)
+
+
+def test_a_refusal_quoting_a_huge_input_still_arrives_as_itself() -> None:
+    from services.common.interceptors import MAX_DETAILS
+
+    class Quoting(analyzer_pb2_grpc.AnalyzerServicer):
+        async def DeleteTable(self, request: Any, context: Any) -> analyzer_pb2.DeleteTableResponse:
+            raise errors.NotFound(f"table {request.name!r} is not registered")
+
+    def add(server: grpc.aio.Server) -> list[str]:
+        analyzer_pb2_grpc.add_AnalyzerServicer_to_server(Quoting(), server)
+        return [SERVICE]
+
+    server = ServerThread(add)
+    try:
+        with grpc.insecure_channel(server.target) as ch:
+            with pytest.raises(grpc.RpcError) as info:
+                analyzer_pb2_grpc.AnalyzerStub(ch).DeleteTable(analyzer_pb2.DeleteTableRequest(name="x" * 100_000),
+                                                               timeout=5)
+        assert info.value.code() == grpc.StatusCode.NOT_FOUND
+        assert info.value.details().startswith("table 'xxx") and len(info.value.details()) <= MAX_DETAILS
+        assert info.value.details().endswith("(100,026 characters)")
+    finally:
+        server.close()

@@ -215,6 +215,15 @@ class DecodeInterceptor(grpc.aio.ServerInterceptor):
         return factory(wrapped, request_deserializer=None, response_serializer=handler.response_serializer)
 
 
+MAX_DETAILS = 2_000  # characters of a refusal's message: status details travel in trailers (8 KiB by default)
+
+
+def _bounded(details: str) -> str:
+    """A message that fits in the trailers: refusals quote what the caller sent, which may be huge,
+    and oversized trailers would replace the refusal with a transport error."""
+    return details if len(details) <= MAX_DETAILS else f"{details[:MAX_DETAILS - 40]}... ({len(details):,} characters)"
+
+
 class ErrorInterceptor(GuardInterceptor):
     """Turns library errors into their status codes and hides everything else behind a request id.
 
@@ -229,7 +238,7 @@ class ErrorInterceptor(GuardInterceptor):
         except grpc.aio.AbortError:
             raise
         except SensoriumError as exc:
-            await context.abort(status_for(exc), str(exc))
+            await context.abort(status_for(exc), _bounded(str(exc)))
         except Exception:
             code = context.code()
             if code is not None and code is not grpc.StatusCode.OK:
