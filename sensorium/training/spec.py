@@ -22,8 +22,14 @@ SplitKind = Literal["random", "wu2026"]
 EarlyStopMetric = Literal["validation_loss", "validation_spearman", "validation_accuracy"]
 
 
+# Bounds on counts and seeds: far past any real run, and small enough for the job store's
+# 64-bit integers and the contract's uint32 step counts (a spec past them would fail later, worse).
+MAX_COUNT = 10_000_000
+Seed = Field(0, ge=0, lt=2**63)
+
+
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
 
 class LoraSpec(_Strict):
@@ -33,17 +39,17 @@ class LoraSpec(_Strict):
     target_modules: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
     # Adapt only the top ``top_layers`` transformer blocks (None: all). The frozen blocks below
     # then compute the same outputs every epoch, which the trainer computes once and reuses.
-    top_layers: int | None = Field(None, ge=1)
+    top_layers: int | None = Field(None, ge=1, le=4096)
 
 
 class SplitSpec(_Strict):
     """Word-level splits: a word's examples never straddle train and test."""
 
     kind: SplitKind = "random"
-    seed: int = 0
+    seed: int = Seed
     validation: float = Field(0.1, ge=0, lt=1)  # fractions of words, for kind "random"
     test: float = Field(0.2, ge=0, lt=1)
-    max_train_words: int | None = Field(None, ge=1)  # a seeded subsample, for quick runs
+    max_train_words: int | None = Field(None, ge=1, le=MAX_COUNT)  # a seeded subsample, for quick runs
 
     @model_validator(mode="after")
     def _fractions(self) -> SplitSpec:
@@ -67,10 +73,10 @@ class DataSpec(_Strict):
 class OptimSpec(_Strict):
     learning_rate: float = Field(2e-4, gt=0, le=1)
     epochs: float = Field(3.0, gt=0, le=1000)
-    max_steps: int | None = Field(None, ge=1)  # overrides epochs when set
+    max_steps: int | None = Field(None, ge=1, le=MAX_COUNT)  # overrides epochs when set
     batch_size: int = Field(16, ge=1, le=4096)  # effective: micro_batch_size x accumulation
     micro_batch_size: int = Field(4, ge=1, le=4096)
-    warmup_steps: int = Field(0, ge=0)
+    warmup_steps: int = Field(0, ge=0, le=MAX_COUNT)
     weight_decay: float = Field(0.0, ge=0)
     max_grad_norm: float = Field(1.0, gt=0)
 
@@ -87,10 +93,10 @@ class OptimSpec(_Strict):
 
 
 class EvalSpec(_Strict):
-    every_steps: int = Field(50, ge=1)
-    checkpoint_every_steps: int = Field(50, ge=1)
+    every_steps: int = Field(50, ge=1, le=MAX_COUNT)
+    checkpoint_every_steps: int = Field(50, ge=1, le=MAX_COUNT)
     early_stopping_metric: EarlyStopMetric | None = None
-    patience: int = Field(3, ge=1)  # evaluations without improvement before stopping
+    patience: int = Field(3, ge=1, le=MAX_COUNT)  # evaluations without improvement before stopping
 
 
 class TrainingSpec(_Strict):
@@ -104,7 +110,7 @@ class TrainingSpec(_Strict):
     lora: LoraSpec = LoraSpec()
     optim: OptimSpec = OptimSpec()
     eval: EvalSpec = EvalSpec()
-    seed: int = 0
+    seed: int = Seed
 
     @model_validator(mode="after")
     def _consistent(self) -> TrainingSpec:

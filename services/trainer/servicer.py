@@ -114,13 +114,16 @@ class TrainerServicer(tpb_grpc.TrainerServicer):
 
     async def Watch(self, request: tpb.WatchRequest, context) -> AsyncIterator[tpb.JobEvent]:
         after = request.after_seq
-        await asyncio.to_thread(self.store.get, request.id)  # NotFound before the stream opens
         while True:
-            events = await asyncio.to_thread(self.store.events, request.id, after, WATCH_POLL_SECONDS)
+            # the state is read before the events: a job's final event is written with its final
+            # state, so once the state is final the events read next are the last (NotFound first)
+            final = (await asyncio.to_thread(self.store.get, request.id)).state.final
+            events = await asyncio.to_thread(self.store.events, request.id, after,
+                                             0.0 if final else WATCH_POLL_SECONDS)
             for event in events:
                 after = event.seq
                 yield event_to_proto(event)
-            if not events and (await asyncio.to_thread(self.store.get, request.id)).state.final:
+            if final:
                 return
 
 
