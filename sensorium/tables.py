@@ -147,9 +147,11 @@ TABLE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 
 
 def check_table_name(name: str) -> str:
-    if not TABLE_NAME.match(name or "") or ".." in name:
+    # fullmatch, not match: "$" also matches before a final newline, and "t\n" would become a file name
+    if not TABLE_NAME.fullmatch(name or "") or ".." in name:
         raise InvalidArgument(
-            f"invalid table name {name[:80]!r}: use 1-64 letters, digits, '.', '_' or '-', starting with a letter or digit"
+            f"invalid table name {name[:80]!r}: use 1-64 letters, digits, '.', '_' or '-', "
+            "starting with a letter or digit"
         )
     return name
 
@@ -159,6 +161,8 @@ class TableStore:
 
     The manifest is written after the data, both atomically, so a table without a manifest was
     never registered. A load verifies the checksum: a damaged table is refused, never analysed.
+    The store only ever reads its own files: a symbolic link placed in it is refused, never
+    followed, so no request can make the analyzer read a file from elsewhere by a table's name.
     """
 
     def __init__(self, root: Path, max_bytes: int = 64 << 20) -> None:
@@ -168,12 +172,17 @@ class TableStore:
 
     def _paths(self, name: str) -> tuple[Path, Path]:
         check_table_name(name)
-        return self.root / f"{name}.csv", self.root / f"{name}.json"
+        paths = self.root / f"{name}.csv", self.root / f"{name}.json"
+        if any(p.is_symlink() for p in paths):
+            raise FailedPrecondition(f"table {name!r} is a link in the table store, not a registered table; "
+                                     "links are never followed")
+        return paths
 
     def register(self, name: str, data: bytes, word_column: str | None = None, replace: bool = False) -> dict:
         csv_path, meta_path = self._paths(name)
         if len(data) > self.max_bytes:
-            raise ResourceExhausted(f"table is {len(data)} bytes; the limit is {self.max_bytes} (setting max_table_bytes)")
+            raise ResourceExhausted(f"table is {len(data)} bytes; the limit is {self.max_bytes} "
+                                    "(setting max_table_bytes)")
         if meta_path.exists() and not replace:
             raise AlreadyExists(f"table {name!r} is already registered (set replace to overwrite it)")
         table = parse_table(data, name, word_column or None)
@@ -209,7 +218,10 @@ class TableStore:
     def list(self) -> list[dict]:
         if not self.root.exists():
             return []
-        return [self.info(p.stem) for p in sorted(self.root.glob("*.json")) if TABLE_NAME.match(p.stem)]
+        names = [p.stem for p in sorted(self.root.glob("*.json"))
+                 if TABLE_NAME.fullmatch(p.stem) and ".." not in p.stem and not p.is_symlink()
+                 and not (self.root / f"{p.stem}.csv").is_symlink()]
+        return [self.info(name) for name in names]
 
     def delete(self, name: str) -> None:
         csv_path, meta_path = self._paths(name)
