@@ -27,6 +27,7 @@ from collections import OrderedDict
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from datetime import UTC, datetime
+from fnmatch import fnmatch
 from pathlib import Path
 from typing import Any
 
@@ -43,6 +44,7 @@ CONFIG = "adapter_config.json"
 WEIGHTS = "adapter_model.safetensors"
 FILES = (CONFIG, WEIGHTS)
 FORMAT = 1
+PICKLE_WEIGHTS = ("*.bin", "*.pt", "*.pth", "*.ckpt", "*.pkl")  # as the model store's
 
 
 def check_adapter_id(adapter_id: str) -> str:
@@ -75,8 +77,27 @@ class AdapterManifest(BaseModel):
     training: dict[str, Any] = Field(default_factory=dict)  # objective, hyperparameters, split, ...
 
 
+def _refuse_links(adapter_id: str, entry: Path, names: tuple[str, ...]) -> None:
+    """An entry is a real folder of real files: a link, which could point out of the store, is refused.
+
+    The trainer publishes by copying files into a fresh folder, so a link in the store was put
+    there by something else; following it would let an adapter id read files from anywhere.
+    """
+    for path in (entry, *(entry / n for n in names)):
+        if path.is_symlink():
+            raise FailedPrecondition(f"adapter {adapter_id!r}: {path.name} is a link in the adapter store; "
+                                     "links are never followed")
+
+
 def _digest_of(files: Mapping[str, FileEntry]) -> str:
     return sha256_bytes("".join(f"{name}\t{files[name].sha256}\n" for name in sorted(files)).encode())
+
+
+def _read_no_link(path: Path) -> bytes:
+    """A file's bytes, refusing (ELOOP) a link swapped in after ``manifest`` checked the entry."""
+    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
+    with os.fdopen(fd, "rb") as f:
+        return f.read()
 
 
 class AdapterStore:
@@ -147,12 +168,18 @@ class AdapterStore:
         path = self.path(adapter_id)
         if not path.is_dir():
             raise NotFound(f"unknown adapter {adapter_id!r} in {self.root}")
+        _refuse_links(adapter_id, path, (MANIFEST,))
         try:
             manifest = AdapterManifest.model_validate(json.loads((path / MANIFEST).read_text()))
         except (OSError, ValueError, ValidationError) as exc:
             raise FailedPrecondition(f"adapter {adapter_id!r}: manifest missing or unreadable ({exc})") from exc
+        if manifest.id == adapter_id and not set(FILES) <= set(manifest.files) and \
+                any(fnmatch(n, p) for n in manifest.files for p in PICKLE_WEIGHTS):
+            raise FailedPrecondition(f"adapter {adapter_id!r}: its weights are not {WEIGHTS}; only safetensors "
+                                     "weights are loaded, pickle weights can run code when read")
         if manifest.id != adapter_id or manifest.format != FORMAT or not set(FILES) <= set(manifest.files):
             raise FailedPrecondition(f"adapter {adapter_id!r}: manifest does not describe this entry")
+        _refuse_links(adapter_id, path, tuple(manifest.files))
         for name, entry in manifest.files.items():
             try:
                 size = (path / name).stat().st_size
@@ -170,7 +197,8 @@ class AdapterStore:
             return []
         out = []
         for path in sorted(self.root.iterdir()):
-            if path.name.startswith(".") or not path.is_dir() or not re.fullmatch(ID_PATTERN, path.name):
+            if path.name.startswith(".") or not path.is_dir() or not re.fullmatch(ID_PATTERN, path.name) \
+                    or path.is_symlink():
                 continue
             try:
                 out.append(self.manifest(path.name))
@@ -184,7 +212,7 @@ class AdapterStore:
 
         manifest = self.manifest(adapter_id)
         path = self.path(adapter_id)
-        blobs = {name: (path / name).read_bytes() for name in FILES}
+        blobs = {name: _read_no_link(path / name) for name in FILES}
         for name, data in blobs.items():
             if sha256_bytes(data) != manifest.files[name].sha256:
                 raise FailedPrecondition(f"adapter {adapter_id!r}: {name} does not match its checksum")
