@@ -66,11 +66,13 @@ def load_table(section: dict[str, Any]) -> list[str]:
         lines.append(f"| {name} | {f['clients']} x {f['requests_per_client']} | {f['failed']} | {f['p50_ms']:g} ms "
                      f"| {f['p99_ms']:g} ms | {f['throughput_per_s']:g}/s | {f['peak_rss_mib']:g} MiB "
                      f"({f['peak_bound_mib']} MiB) | {f['requests']} |")
-    if (q := section.get("queue_depth")) is not None:
-        lines += ["", f"Queue depth: with {q['workers']} worker and max_queued={q['max_queued']}, a burst of "
-                  f"{q['burst']} slow analyses: {q['served']} served, {q['refused_resource_exhausted']} refused "
+    for name in ("analyzer", "extractor"):
+        if (q := section.get(f"queue_depth_{name}")) is None:
+            continue
+        lines += ["", f"Queue depth, {name}: with {q['workers']} worker and max_queued={q['max_queued']}, a burst of "
+                  f"{q['burst']} slow requests: {q['served']} served, {q['refused_resource_exhausted']} refused "
                   f"RESOURCE_EXHAUSTED, the slowest refusal after {q['slowest_refusal_ms']:g} ms (the fastest "
-                  f"served analysis took {q['fastest_served_ms']:g} ms)."]
+                  f"served request took {q['fastest_served_ms']:g} ms)."]
     return lines
 
 

@@ -159,23 +159,38 @@ def test_analyzer_under_load_answers_every_valid_request(analyzer: ServiceProces
                                                         "resamples) and CompareDimensions, alternating"})
 
 
-def test_beyond_the_queue_depth_requests_are_refused_at_once(tmp_path: Path) -> None:
-    """1 worker and max_queued=2: of 16 slow analyses sent together, those that find the queue full
+def _slow_call(service: str) -> Callable[[grpc.Channel, int], None]:
+    """A request that keeps a worker busy for a second or so on this machine."""
+    if service == "analyzer":
+        return lambda ch, i: apb_grpc.AnalyzerStub(ch).ComputeRsa(
+            rsa_request(np.random.default_rng(i), 200, 400), timeout=600)
+    words = [f"w{j}" for j in range(3_000)]
+    return lambda ch, i: epb_grpc.ExtractorStub(ch).Rate(
+        epb.RateRequest(model="tiny", words=words, dimensions=["visual"], batch_size=64), timeout=600)
+
+
+@pytest.mark.parametrize("service", ["analyzer", "extractor"])
+def test_beyond_the_queue_depth_requests_are_refused_at_once(service: str, tmp_path: Path,
+                                                             tiny_model_path: Path) -> None:
+    """1 worker and max_queued=2: of 16 slow requests sent together, those that find the queue full
     are answered RESOURCE_EXHAUSTED within a moment, while the admitted ones run to completion."""
-    svc = ServiceProcess("analyzer", tmp_path, {"SENSORIUM_ANALYZER_WORKERS": "1", "SENSORIUM_ANALYZER_MAX_QUEUED": "2"})
+    prefix = f"SENSORIUM_{service.upper()}_"
+    env = {f"{prefix}WORKERS": "1", f"{prefix}MAX_QUEUED": "2"}
+    svc = ServiceProcess(service, tmp_path, {**extractor_env(tiny_model_path), **env} if service == "extractor"
+                         else env)
+    call = _slow_call(service)
     n = 16
     outcomes: list[tuple[str, float, str]] = []
     lock = threading.Lock()
     start = threading.Barrier(n)
 
     def client(index: int) -> None:
-        req = rsa_request(np.random.default_rng(index), 200, 400)  # about a second each on this machine
         with grpc.insecure_channel(svc.address) as channel:
             grpc.channel_ready_future(channel).result(timeout=30)
             start.wait()
             began = time.perf_counter()
             try:
-                apb_grpc.AnalyzerStub(channel).ComputeRsa(req, timeout=600)
+                call(channel, index)
                 outcome, details = "ok", ""
             except grpc.RpcError as exc:
                 outcome, details = exc.code().name, exc.details() or ""
@@ -196,6 +211,6 @@ def test_beyond_the_queue_depth_requests_are_refused_at_once(tmp_path: Path) -> 
     assert all("max_queued=2" in d for _, _, d in refused)
     slowest_refusal, fastest_service = max(t for _, t, _ in refused), min(t for _, t, _ in served)
     assert slowest_refusal < fastest_service, outcomes  # refused without waiting for a worker
-    reliability.record("load", "queue_depth", {
+    reliability.record("load", f"queue_depth_{service}", {
         "workers": 1, "max_queued": 2, "burst": n, "served": len(served), "refused_resource_exhausted": len(refused),
         "slowest_refusal_ms": round(slowest_refusal * 1000, 1), "fastest_served_ms": round(fastest_service * 1000, 1)})
