@@ -41,11 +41,19 @@ RETRY_SERVICE_CONFIG = json.dumps({"methodConfig": [{
 def open_channel(address: str, *, tls_ca_file: str | Path | None = None, tls: bool = False,
                  client_cert_file: str | Path | None = None, client_key_file: str | Path | None = None,
                  max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES, retry: bool = True) -> grpc.Channel:
+    """A channel to ``address``: TLS when ``tls``, a CA or a client certificate is given, else plaintext.
+
+    ``tls_ca_file`` is the CA that signed the server's certificate (default: the system's roots);
+    ``client_cert_file`` and ``client_key_file`` are this client's certificate for mutual TLS. A
+    client given a certificate always speaks TLS: it never falls back to plaintext unnoticed.
+    """
+    if (client_cert_file is None) != (client_key_file is None):
+        raise ValueError("client_cert_file and client_key_file must be given together")
     options = [("grpc.max_send_message_length", max_message_bytes),
                ("grpc.max_receive_message_length", max_message_bytes)]
     if retry:
         options += [("grpc.enable_retries", 1), ("grpc.service_config", RETRY_SERVICE_CONFIG)]
-    if tls or tls_ca_file:
+    if tls or tls_ca_file or client_cert_file:
         read = lambda p: Path(p).read_bytes() if p else None  # noqa: E731
         creds = grpc.ssl_channel_credentials(read(tls_ca_file), read(client_key_file), read(client_cert_file))
         return grpc.secure_channel(address, creds, options)
@@ -218,8 +226,12 @@ class ExtractorClient(_Base):
 
     def extract(self, model: str, words: list[str], layers: list[int] | None = None,
                 relative_depths: list[float] | None = None, pooling: str = "last",
-                template: tuple[str, str] | None = None, batch_size: int = 0, adapter: str = "") -> Activations:
-        """Pooled hidden states, streamed by the service in chunks and put back together here."""
+                template: tuple[str, str] | None = None, batch_size: int = 0, adapter: str = "",
+                timeout: float | None = None) -> Activations:
+        """Pooled hidden states, streamed by the service in chunks and put back together here.
+
+        ``timeout``: seconds for this call (default: the client's), e.g. what is left of a caller's deadline.
+        """
         from sensorium.v1 import extractor_pb2 as epb
 
         request = epb.ExtractRequest(model=model, words=words, layers=layers or [],
@@ -231,7 +243,8 @@ class ExtractorClient(_Base):
         # is 70 MB, and casting or concatenating it costs as much as receiving it
         layers_out: dict[int, np.ndarray] = {}
         cached, model_digest, template_digest, adapter_digest = 0, "", "", ""
-        for chunk in self.stub.Extract(request, metadata=self.metadata, timeout=self.timeout):
+        for chunk in self.stub.Extract(request, metadata=self.metadata,
+                                       timeout=self.timeout if timeout is None else timeout):
             block = wire.matrix_from_proto(chunk.vectors, "vectors", np.float32)
             if chunk.layer not in layers_out:
                 layers_out[chunk.layer] = np.empty((len(words), block.shape[1]), np.float32)
@@ -370,7 +383,8 @@ class Client:
     def from_env(cls, **channel_options: Any) -> Client:
         import os
 
-        address = {n: os.environ.get(f"SENSORIUM_{n.upper()}_ADDRESS", "") for n in ("analyzer", "extractor", "trainer")}
+        address = {n: os.environ.get(f"SENSORIUM_{n.upper()}_ADDRESS", "")
+                   for n in ("analyzer", "extractor", "trainer")}
         return cls(**address,
                    token=os.environ.get("SENSORIUM_TOKEN") or None, **channel_options)
 

@@ -6,6 +6,8 @@ calls keep being answered, and a bounded queue refuses work beyond ``max_queued`
 
 from __future__ import annotations
 
+import logging
+import time
 from collections.abc import Callable
 from typing import Any, TypeVar
 
@@ -25,6 +27,7 @@ from services.analyzer.settings import AnalyzerSettings
 from services.common.workers import WorkSlots
 
 T = TypeVar("T")
+logger = logging.getLogger(__name__)
 
 # what an extractor's refusal becomes here: its own status where the caller's request is at
 # fault, FAILED_PRECONDITION where this analyzer's credentials for it are
@@ -36,6 +39,12 @@ _EXTRACTOR_ERRORS: dict[grpc.StatusCode, type[errors.SensoriumError]] = {
     grpc.StatusCode.UNAUTHENTICATED: errors.FailedPrecondition,
     grpc.StatusCode.PERMISSION_DENIED: errors.FailedPrecondition,
 }
+
+
+def _deadline(context: grpc.aio.ServicerContext) -> float | None:
+    """The caller's deadline on ``time.monotonic()``'s clock, or None when it set none."""
+    remaining = context.time_remaining()
+    return None if remaining is None else time.monotonic() + remaining
 
 
 def _activation_variants(source: apb.ActivationSource) -> list[tuple[str, str]]:
@@ -62,11 +71,28 @@ class AnalyzerServicer(apb_grpc.AnalyzerServicer):
             token = settings.extractor_token.get_secret_value() if settings.extractor_token else None
             self.extractor = ExtractorClient(settings.extractor_address, token=token,
                                              tls_ca_file=settings.extractor_tls_ca_file,
-                                             max_message_bytes=settings.max_message_bytes)
+                                             client_cert_file=settings.extractor_tls_cert_file,
+                                             client_key_file=settings.extractor_tls_key_file,
+                                             max_message_bytes=settings.max_message_bytes,
+                                             timeout=settings.extractor_timeout_seconds)
+
+    def _extractor_timeout(self, deadline: float | None) -> tuple[float, str]:
+        """Seconds one extractor call may take, and what bounds it: the setting or the caller's deadline.
+
+        Without a bound a hung extractor would hold the analysis (and its worker) forever; with the
+        caller's deadline, nothing is computed for a caller that has already given up.
+        """
+        timeout = self.settings.extractor_timeout_seconds
+        if deadline is not None and deadline - time.monotonic() < timeout:
+            return max(0.0, deadline - time.monotonic()), "the caller's deadline"
+        return timeout, "extractor_timeout_seconds"
 
     def _activations(self, source: apb.ActivationSource, words: tuple[str, ...],
-                     template: Any) -> tuple[dict[str, dict[int, np.ndarray]], int]:
-        """Every variant's layers for ``words``, read through the extractor (and its cache)."""
+                     template: Any, deadline: float | None = None) -> tuple[dict[str, dict[int, np.ndarray]], int]:
+        """Every variant's layers for ``words``, read through the extractor (and its cache).
+
+        ``deadline`` (``time.monotonic()``) is the caller's: each extractor call ends by then at the latest.
+        """
         if self.extractor is None:
             raise errors.FailedPrecondition("this analyzer has no extractor_address configured: layer analyses "
                                             "read activations from an extractor")
@@ -75,11 +101,20 @@ class AnalyzerServicer(apb_grpc.AnalyzerServicer):
         out: dict[str, dict[int, np.ndarray]] = {}
         cached = 0
         for name, adapter in variants:
+            timeout, bound = self._extractor_timeout(deadline)
             try:
                 acts = self.extractor.extract(source.model, list(words), layers=list(source.layers),
                                               pooling=source.pooling or "last", adapter=adapter,
-                                              template=(template.language, template.dimension) if template else None)
+                                              template=(template.language, template.dimension) if template else None,
+                                              timeout=timeout)
             except grpc.RpcError as exc:
+                if exc.code() == grpc.StatusCode.DEADLINE_EXCEEDED:
+                    logger.warning("extractor call timed out", extra={
+                        "variant": name, "timeout_seconds": round(timeout, 3), "bound": bound})
+                    setting = f"extractor_timeout_seconds={self.settings.extractor_timeout_seconds:g}"
+                    raise errors.Unavailable(f"extractor ({name}) did not answer within {timeout:.1f} s "
+                                             f"({bound if bound != 'extractor_timeout_seconds' else setting})") \
+                        from None
                 kind = _EXTRACTOR_ERRORS.get(exc.code(), errors.Unavailable)
                 raise kind(f"extractor ({name}): {exc.details() or exc.code().name}") from None
             out[name] = acts.layers
@@ -117,12 +152,14 @@ class AnalyzerServicer(apb_grpc.AnalyzerServicer):
         return await self._compute(work)
 
     async def LayerRsa(self, request: apb.LayerRsaRequest, context) -> apb.LayerRsaResponse:
+        deadline = _deadline(context)
+
         def work():
             data = self._data(request.data)
             data.check(self.limits)
             source = request.activations
             template = source.template if source.HasField("template") else None
-            acts, cached = self._activations(source, data.words, template)
+            acts, cached = self._activations(source, data.words, template, deadline)
             report = layer_rsa(data, {m: sorted(layers.items()) for m, layers in acts.items()},
                                dimension_sets=wire.dimension_sets_from_proto(request.dimension_sets),
                                comparisons=wire.pairs_from_proto(request.comparisons),
@@ -131,6 +168,8 @@ class AnalyzerServicer(apb_grpc.AnalyzerServicer):
         return await self._compute(work)
 
     async def LayerProbes(self, request: apb.LayerProbesRequest, context) -> apb.LayerProbesResponse:
+        deadline = _deadline(context)
+
         def work():
             data = self._data(request.data)
             data.check(self.limits)
@@ -139,13 +178,14 @@ class AnalyzerServicer(apb_grpc.AnalyzerServicer):
                                        standardize=not o.no_standardize, shuffled_control=not o.no_shuffled_control,
                                        **({"alphas": list(o.alphas)} if o.alphas else {}))
             source = request.activations
-            acts, _ = self._activations(source, data.words, source.template if source.HasField("template") else None)
+            acts, _ = self._activations(source, data.words, source.template if source.HasField("template") else None,
+                                        deadline)
             transfer = None
             if request.HasField("transfer"):
                 other = self._data(request.transfer)
                 other.check(self.limits)
                 template = request.transfer_template if request.HasField("transfer_template") else None
-                transfer = (other, self._activations(source, other.words, template)[0])
+                transfer = (other, self._activations(source, other.words, template, deadline)[0])
             report = probe_models(acts, data, list(request.dimensions), options, transfer)
             return wire.to_proto(report, apb.LayerProbesResponse)
         return await self._compute(work)

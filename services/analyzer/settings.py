@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from pydantic import Field, SecretStr
+from pydantic import Field, SecretStr, model_validator
 from pydantic_settings import SettingsConfigDict
 
 from sensorium.representations import Limits
@@ -33,6 +33,18 @@ class AnalyzerSettings(ServiceSettings):
     extractor_token: SecretStr | None = Field(None, description="Bearer token for the extractor, if it needs one.")
     extractor_tls_ca_file: Path | None = Field(None, description="PEM CA that signed the extractor's certificate; "
                                                "enables TLS to the extractor.")
+    extractor_tls_cert_file: Path | None = Field(None, description="PEM client certificate presented to the "
+                                                 "extractor, for an extractor that requires mutual TLS.")
+    extractor_tls_key_file: Path | None = Field(None, description="PEM private key of extractor_tls_cert_file.")
+    extractor_timeout_seconds: float = Field(
+        600.0, gt=0, description="Longest wait for one extractor call of LayerRsa or LayerProbes (a hung extractor "
+                                 "answers UNAVAILABLE after it); a caller's shorter deadline bounds the call too.")
+
+    @model_validator(mode="after")
+    def _extractor_client_certificate(self) -> AnalyzerSettings:
+        if (self.extractor_tls_cert_file is None) != (self.extractor_tls_key_file is None):
+            raise ValueError("extractor_tls_cert_file and extractor_tls_key_file must be given together")
+        return self
 
     def limits(self) -> Limits:
         return Limits(**{k: getattr(self, k) for k in Limits.model_fields})
