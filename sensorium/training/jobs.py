@@ -266,6 +266,8 @@ class JobStore:
     def events(self, job_id: str, after_seq: int = 0, wait: float = 0.0) -> list[JobEvent]:
         """Events after ``after_seq``; with ``wait``, block up to that long for the first new one."""
         self.get(job_id)
+        if not 0 <= after_seq < 2**63:  # SQLite integers are 64-bit signed; a client may send any uint64
+            raise InvalidArgument(f"after_seq {after_seq} is out of range (0 .. 2^63 - 1)")
         deadline = time.monotonic() + wait
         with self._changed:
             while True:
@@ -288,6 +290,10 @@ class JobStore:
 Execute = Callable[[Job, Callable[[str, dict[str, Any]], None], Callable[[], bool]], dict[str, float] | None]
 
 
+class _StoreUnwritable(Exception):
+    """A job's progress could not be stored: the job store's fault, not the job's, so not a failure."""
+
+
 class JobRunner:
     """Runs queued jobs one after another in a background thread."""
 
@@ -296,6 +302,7 @@ class JobRunner:
         self.execute = execute
         self.poll_seconds = poll_seconds
         self._cancel: set[str] = set()
+        self._stranded: set[str] = set()  # left RUNNING by a job store that could not be written
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self.current: str | None = None
@@ -326,11 +333,30 @@ class JobRunner:
 
     def _loop(self) -> None:
         while not self._stop.is_set():
-            job = self.store.next_queued()
-            if job is None:
+            try:
+                self._requeue_stranded()
+                job = self.store.next_queued()
+                if job is None:
+                    self._stop.wait(self.poll_seconds)
+                    continue
+                self._run(job)
+            except (StorageFull, StorageReadOnly, _StoreUnwritable) as exc:
+                # The job store refused a write (disk full, read-only): the runner must outlive that.
+                # The job stays as last stored; one left RUNNING is requeued once the store takes
+                # writes again, and resumes from its last checkpoint.
+                logger.error("the job store cannot be written; retrying in %.1f s: %s", self.poll_seconds, exc)
+                if self.current is not None:
+                    self._stranded.add(self.current)
                 self._stop.wait(self.poll_seconds)
-                continue
-            self._run(job)
+            finally:
+                self.current = None
+
+    def _requeue_stranded(self) -> None:
+        for job_id in list(self._stranded):
+            if self.store.get(job_id).state == JobState.RUNNING:
+                self.store.transition(job_id, "requeued", JobState.QUEUED, {
+                    "message": "the job store could not be written; the job resumes from its last checkpoint"})
+            self._stranded.discard(job_id)
 
     def _run(self, job: Job) -> None:
         self.current = job.id
@@ -339,13 +365,18 @@ class JobRunner:
 
         def record(kind: str, data: dict[str, Any]) -> None:
             fields = {k: int(data[k]) for k in ("step", "total_steps", "resumed_from_step") if k in data}
-            self.store.record(job.id, kind, data, **fields)
+            try:
+                self.store.record(job.id, kind, data, **fields)
+            except (StorageFull, StorageReadOnly) as exc:
+                raise _StoreUnwritable(str(exc)) from exc
 
         def should_stop() -> bool:
             return self._stop.is_set() or job.id in self._cancel
 
         try:
             metrics = self.execute(job, record, should_stop)
+        except _StoreUnwritable:
+            raise  # the loop keeps the job for when the store takes writes again
         except SensoriumError as exc:
             self._fail(job, str(exc))
         except Exception as exc:  # a job's failure must never take the runner down
@@ -361,7 +392,6 @@ class JobRunner:
             # else: stopped by a shutdown; left RUNNING, so the next start requeues and resumes it
         finally:
             self._cancel.discard(job.id)
-            self.current = None
 
     def _fail(self, job: Job, reason: str) -> None:
         self.store.transition(job.id, "failed", JobState.FAILED, {"message": reason}, finished=now(), error=reason)
