@@ -156,6 +156,15 @@ class AdapterWatcher:
         assert not self._thread.is_alive()
 
 
+def _verifies(path: Path) -> bool:
+    """Whether a checkpoint folder passes the checks a resuming trainer makes (every file's checksum)."""
+    try:
+        ckpt.read(path)
+    except ckpt.DamagedCheckpoint:
+        return False
+    return True
+
+
 def test_trainer_killed_at_a_random_step_resumes_and_never_lists_a_partial_adapter(
         tmp_path: Path, tiny_model_path: Path) -> None:
     """SIGKILL (no chance to clean up) at a seeded random step after the first checkpoint; the
@@ -235,14 +244,6 @@ def test_trainer_killed_at_a_random_step_resumes_and_never_lists_a_partial_adapt
         "listed_before_restart": sightings_while_killed})
 
 
-def _verifies(path: Path) -> bool:
-    try:
-        ckpt.read(path)
-    except ckpt.DamagedCheckpoint:
-        return False
-    return True
-
-
 # ---- 2. the extractor killed while it writes its cache, and caches damaged on disk ------------
 CACHE_LAYERS = [0, 1, 2]
 EXTRACTOR_KILLS = 10 if reliability.HEAVY else 3
@@ -294,10 +295,10 @@ def extract_all(address: str, words: list[str]) -> tuple[dict[str, dict[int, np.
 def test_extractor_killed_during_extract_traffic_never_serves_a_wrong_vector(
         tmp_path: Path, tiny_model_path: Path, local_tiny: LoadedModel) -> None:
     """SIGKILL while small Extract requests stream in, each ending in a flush that rewrites megabytes
-    of cache (so most moments are inside a write), killing at once when a temporary file of the
-    cache shows, else at a seeded random moment. After each restart every word ever requested is
-    extracted again and every vector compared with its recomputation: the cache loaded, or was set
-    aside as damaged and rebuilt, but never served a wrong vector."""
+    of cache (so most moments are inside a write): the kill comes as soon as the n-th temporary file
+    of the cache shows (n seeded), so it lands inside some write of some flush. After each restart
+    every word ever requested is extracted again and every vector compared with its recomputation:
+    the cache loaded, or was set aside as damaged and rebuilt, but never served a wrong vector."""
     rng = random.Random(KILL_SEED)
     cache = tmp_path / "extractor" / "cache"
     env = extractor_env(tiny_model_path)
@@ -369,6 +370,7 @@ def pristine_cache(root: Path, local: LoadedModel, words: list[str]) -> list[Spa
 
 
 def _named_files(root: Path) -> list[Path]:
+    """The space files a cache's manifest names (what a crash can tear), in a fixed order."""
     return sorted(p for p in root.iterdir() if p.name != MANIFEST and not p.name.startswith("."))
 
 
@@ -474,14 +476,15 @@ DROP_DIMENSIONS = ["visual", "auditory", "gustatory", "olfactory", "haptic", "in
 
 
 def probe_rate(stub: epb_grpc.ExtractorStub) -> epb.RateResponse:
+    """The small request that must be served promptly after each dropped one."""
     return stub.Rate(epb.RateRequest(model="tiny", words=["apple"], dimensions=["visual"]), timeout=30)
 
 
 def test_dropped_requests_stop_early_and_free_the_worker(tmp_path: Path, tiny_model_path: Path) -> None:
     """One worker, no queue: a request whose client went away must neither keep the worker busy
     nor leave it computing for nobody. Each dropped request is followed by a small one that must be
-    served within seconds (the dropped work alone would take minutes), and the log shows where the
-    dropped work stopped."""
+    served within seconds (the dropped work would go on for tens of seconds), the log shows where the
+    dropped work stopped, and the exporter counts the dropped calls CANCELLED."""
     metrics = free_port()
     svc = ServiceProcess("extractor", tmp_path, extractor_env(
         tiny_model_path, SENSORIUM_EXTRACTOR_WORKERS="1", SENSORIUM_EXTRACTOR_MAX_QUEUED="0",
