@@ -63,15 +63,19 @@ class Cancelled(SensoriumError):
     how far the work got.
     """
 
-    def __init__(self, done: int, total: int, unit: str = "words") -> None:
-        super().__init__(f"cancelled after {done} of {total} {unit}")
+    def __init__(self, message: str = "cancelled", *, done: int = 0, total: int = 0, unit: str = "words") -> None:
+        super().__init__(message)
         self.done, self.total, self.unit = done, total, unit
+
+    @classmethod
+    def after(cls, done: int, total: int, unit: str = "words") -> Cancelled:
+        return cls(f"cancelled after {done} of {total} {unit}", done=done, total=total, unit=unit)
 
     @classmethod
     def check(cls, cancel: threading.Event | None, done: int, total: int, unit: str = "words") -> None:
         """Raise when ``cancel`` is set; called at batch boundaries, where stopping loses nothing."""
         if cancel is not None and cancel.is_set():
-            raise cls(done, total, unit)
+            raise cls.after(done, total, unit)
 
 
 def _invalid(model: type[BaseModel], exc: ValidationError) -> InvalidArgument:

@@ -211,8 +211,8 @@ class ExtractorServicer(epb_grpc.ExtractorServicer):
                             out.append(rate(model.model, model.tokenizer, words, renderer(t, model.tokenizer),
                                             batch_size, request.max_new_tokens, cancel=cancel))
                         except Cancelled as exc:  # how far the whole request got, not this dimension alone
-                            raise Cancelled(i * len(words) + exc.done, len(templates) * len(words), "ratings") \
-                                from None
+                            raise Cancelled.after(i * len(words) + exc.done, len(templates) * len(words),
+                                                  "ratings") from None
                     return out, adapter
 
             per_dimension, adapter = await in_thread(work)
