@@ -156,13 +156,20 @@ def check_table_name(name: str) -> str:
     return name
 
 
-class TableStore:
-    """Registered tables on disk: ``<name>.csv`` plus ``<name>.json`` (checksum, word column).
+STORE = "analyzer tables"  # how errors name the store
 
-    The manifest is written after the data, both atomically, so a table without a manifest was
-    never registered. A load verifies the checksum: a damaged table is refused, never analysed.
-    The store only ever reads its own files: a symbolic link placed in it is refused, never
-    followed, so no request can make the analyzer read a file from elsewhere by a table's name.
+
+class TableStore:
+    """Registered tables on disk: ``<name>.<sha256 prefix>.csv`` plus ``<name>.json`` (checksum, word
+    column, the data file's name).
+
+    Data files are named by their content and the manifest is written last, both atomically: a
+    replace writes the new data beside the old, so until the new manifest is in place the old one
+    still names intact data, and a failure at any point (a full disk) leaves the old table
+    readable. A table without a manifest was never registered. A load verifies the checksum: a
+    damaged table is refused, never analysed. The store only ever reads its own files: a symbolic
+    link placed in it is refused, never followed, so no request can make the analyzer read a file
+    from elsewhere by a table's name.
     """
 
     def __init__(self, root: Path, max_bytes: int = 64 << 20) -> None:
@@ -170,16 +177,32 @@ class TableStore:
         self.max_bytes = max_bytes
         self._cache: dict[str, tuple[tuple[str, int, int], RatingsTable]] = {}
 
-    def _paths(self, name: str) -> tuple[Path, Path]:
-        check_table_name(name)
-        paths = self.root / f"{name}.csv", self.root / f"{name}.json"
-        if any(p.is_symlink() for p in paths):
+    def _manifest_path(self, name: str) -> Path:
+        path = self.root / f"{check_table_name(name)}.json"
+        if path.is_symlink():
             raise FailedPrecondition(f"table {name!r} is a link in the table store, not a registered table; "
                                      "links are never followed")
-        return paths
+        return path
+
+    def _meta(self, name: str) -> dict:
+        meta_path = self._manifest_path(name)
+        if not meta_path.exists():
+            raise NotFound(f"table {name!r} is not registered")
+        return json.loads(meta_path.read_text())
+
+    def _data_path(self, name: str, meta: dict) -> Path:
+        """The data file a manifest names (``<name>.csv`` for tables registered before content names)."""
+        file = meta.get("file", f"{name}.csv")
+        if not isinstance(file, str) or not re.fullmatch(re.escape(name) + r"(\.[0-9a-f]{16})?\.csv", file):
+            raise FailedPrecondition(f"table {name!r}: its manifest names {file!r}, not a file of this table")
+        path = self.root / file
+        if path.is_symlink():
+            raise FailedPrecondition(f"table {name!r} is a link in the table store, not a registered table; "
+                                     "links are never followed")
+        return path
 
     def register(self, name: str, data: bytes, word_column: str | None = None, replace: bool = False) -> dict:
-        csv_path, meta_path = self._paths(name)
+        meta_path = self._manifest_path(name)
         if len(data) > self.max_bytes:
             raise ResourceExhausted(f"table is {len(data)} bytes; the limit is {self.max_bytes} "
                                     "(setting max_table_bytes)")
@@ -188,45 +211,58 @@ class TableStore:
         table = parse_table(data, name, word_column or None)
         info = {"name": name, "n_rows": len(table), "columns": list(table.columns),
                 "sha256": sha256_bytes(data), "word_column": table.word_column}
-        atomic_write_bytes(csv_path, data)
-        atomic_write_json(meta_path, info)
+        old = self._meta(name) if meta_path.exists() else None
+        file = f"{name}.{info['sha256'][:16]}.csv"
+        new_data = not (self.root / file).exists()
+        atomic_write_bytes(self.root / file, data, STORE)
+        try:
+            atomic_write_json(meta_path, {**info, "file": file}, STORE)
+        except BaseException:
+            if new_data:
+                (self.root / file).unlink(missing_ok=True)
+            raise
+        if old is not None and old.get("file", f"{name}.csv") != file:
+            self._data_path(name, old).unlink(missing_ok=True)
         self._cache.pop(name, None)
         return info
 
     def info(self, name: str) -> dict:
-        _, meta_path = self._paths(name)
-        if not meta_path.exists():
-            raise NotFound(f"table {name!r} is not registered")
-        return json.loads(meta_path.read_text())
+        """What a client sees of a registered table (the manifest without the data file's name)."""
+        return {k: v for k, v in self._meta(name).items() if k != "file"}
 
     def get(self, name: str) -> RatingsTable:
-        info = self.info(name)
-        csv_path, _ = self._paths(name)
+        meta = self._meta(name)
+        csv_path = self._data_path(name, meta)
         stat = csv_path.stat() if csv_path.exists() else None
         # the parsed copy is reused only while the file on disk is the one that was verified
-        key = (info["sha256"], stat.st_mtime_ns if stat else 0, stat.st_size if stat else -1)
+        key = (meta["sha256"], stat.st_mtime_ns if stat else 0, stat.st_size if stat else -1)
         cached = self._cache.get(name)
         if cached and cached[0] == key:
             return cached[1]
         data = csv_path.read_bytes() if stat else b""
-        if sha256_bytes(data) != info["sha256"]:
+        if sha256_bytes(data) != meta["sha256"]:
             raise FailedPrecondition(f"table {name!r} is damaged on disk (checksum mismatch); register it again")
-        table = parse_table(data, name, info["word_column"])
+        table = parse_table(data, name, meta["word_column"])
         self._cache[name] = (key, table)
         return table
 
     def list(self) -> list[dict]:
         if not self.root.exists():
             return []
-        names = [p.stem for p in sorted(self.root.glob("*.json"))
-                 if TABLE_NAME.fullmatch(p.stem) and ".." not in p.stem and not p.is_symlink()
-                 and not (self.root / f"{p.stem}.csv").is_symlink()]
-        return [self.info(name) for name in names]
+        out = []
+        for p in sorted(self.root.glob("*.json")):
+            if not TABLE_NAME.fullmatch(p.stem) or ".." in p.stem or p.is_symlink():
+                continue
+            try:
+                self._data_path(p.stem, self._meta(p.stem))
+            except FailedPrecondition:
+                continue  # a link or a foreign file name: not a table of this store
+            out.append(self.info(p.stem))
+        return out
 
     def delete(self, name: str) -> None:
-        csv_path, meta_path = self._paths(name)
-        if not meta_path.exists():
-            raise NotFound(f"table {name!r} is not registered")
-        meta_path.unlink()
-        csv_path.unlink(missing_ok=True)
+        meta = self._meta(name)
+        data_path = self._data_path(name, meta)
+        self._manifest_path(name).unlink()
+        data_path.unlink(missing_ok=True)
         self._cache.pop(name, None)

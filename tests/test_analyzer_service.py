@@ -85,7 +85,7 @@ def test_tables_by_reference(client: AnalyzerClient, analyzer_process: ServicePr
         client.register_table("demo-1", csv)
     assert e.value.code() == grpc.StatusCode.ALREADY_EXISTS
     # damage on disk is detected, never analysed
-    stored = next((analyzer_process.log.parent / "analyzer" / "tables").glob("demo-1.csv"))
+    stored = next((analyzer_process.log.parent / "analyzer" / "tables").glob("demo-1.*.csv"))
     stored.write_bytes(csv.replace(b"word0", b"wordX"))
     with pytest.raises(grpc.RpcError) as e:
         client.rsa(ref)

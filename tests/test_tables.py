@@ -65,7 +65,8 @@ def test_store_is_atomic_verified_and_refuses_bad_names(tmp_path: Path) -> None:
         store.register("t1", b"Word,x\na,1\na,2\n", replace=True)
     assert store.get("t1").words == ("a", "b", "c")
     assert not list(tmp_path.glob(".*tmp"))
-    (tmp_path / "t1.csv").write_bytes(b"Word,x\na,9\nb,2\nc,3\n")
+    (data_file,) = tmp_path.glob("t1.*.csv")  # named by its content
+    data_file.write_bytes(b"Word,x\na,9\nb,2\nc,3\n")
     fresh = TableStore(tmp_path)
     with pytest.raises(FailedPrecondition, match="damaged"):
         fresh.get("t1")
@@ -73,3 +74,41 @@ def test_store_is_atomic_verified_and_refuses_bad_names(tmp_path: Path) -> None:
     fresh.delete("t1")
     with pytest.raises(NotFound):
         fresh.get("t1")
+
+
+def test_a_replace_that_fails_half_way_keeps_the_old_table(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """New data is written beside the old and the manifest last: when the manifest cannot be written
+    (a full disk), the old table is still registered, intact and served, and no new file is left."""
+    import sensorium.tables as tables
+    from sensorium.errors import StorageFull
+
+    store = TableStore(tmp_path)
+    store.register("t", b"word,visual\napple,1\nmusic,2\nkick,3\n")
+    before = sorted(p.name for p in tmp_path.iterdir())
+
+    def full(*args: object, **kwargs: object) -> None:
+        raise StorageFull("no space left on the analyzer tables store")
+
+    monkeypatch.setattr(tables, "atomic_write_json", full)
+    with pytest.raises(StorageFull):
+        store.register("t", b"word,visual\napple,5\nmusic,5\nkick,5\n", replace=True)
+    monkeypatch.undo()
+    assert sorted(p.name for p in tmp_path.iterdir()) == before
+    assert list(TableStore(tmp_path).get("t").numeric("visual")) == [1, 2, 3]
+    store.register("t", b"word,visual\napple,5\nmusic,5\nkick,5\n", replace=True)  # then the replace goes through
+    assert list(TableStore(tmp_path).get("t").numeric("visual")) == [5, 5, 5]
+    assert len(list(tmp_path.glob("t.*.csv"))) == 1  # the old data file is gone
+
+
+def test_tables_registered_before_content_names_still_load(tmp_path: Path) -> None:
+    import hashlib
+    import json
+
+    data = b"word,visual\napple,1\nmusic,2\nkick,3\n"
+    (tmp_path / "old.csv").write_bytes(data)
+    (tmp_path / "old.json").write_text(json.dumps({"name": "old", "n_rows": 3, "columns": ["word", "visual"],
+                                                   "sha256": hashlib.sha256(data).hexdigest(), "word_column": "word"}))
+    store = TableStore(tmp_path)
+    assert [t["name"] for t in store.list()] == ["old"] and len(store.get("old")) == 3
+    store.register("old", data + b"salt,4\n", replace=True)
+    assert not (tmp_path / "old.csv").exists() and len(store.get("old")) == 4
