@@ -735,7 +735,7 @@ def test_a_full_or_read_only_table_store_is_named_and_keeps_its_tables(tmp_path:
             stub.RegisterTable(apb.RegisterTableRequest(name="kept", csv=KEPT_TABLE), timeout=30)
             before = snapshot(root)
             for code in FULL_ERRNOS + READ_ONLY_ERRNOS:
-                status, message = expected_refusal(code, "tables")
+                status, message = expected_refusal(code, "analyzer tables")
                 with disk_refuses(root, code) as refused:
                     for request in (apb.RegisterTableRequest(name="new", csv=NEW_TABLE),
                                     apb.RegisterTableRequest(name="kept", csv=NEW_TABLE, replace=True)):
