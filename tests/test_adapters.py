@@ -95,3 +95,24 @@ def test_host_keeps_at_most_max_loaded(store: AdapterStore, tiny_model_path: Pat
     assert not torch.allclose(one, two)
     host.unload("one")
     assert host.loaded() == [] and torch.equal(logits(None), base)
+
+
+def test_unfinished_build_folders_are_removed_once_old(tmp_path: Path) -> None:
+    """A publisher killed half way leaves a hidden build folder; an old one is removed, a fresh one
+    (perhaps another publisher's, right now) is kept, and nothing else is touched."""
+    import os
+    import time
+
+    from sensorium.models.adapters import AdapterStore
+
+    store = AdapterStore(tmp_path)
+    old, fresh, other = tmp_path / ".a1.tmp-x1y2", tmp_path / ".a2.tmp-z3", tmp_path / ".keep"
+    for folder in (old, fresh, other):
+        folder.mkdir()
+        (folder / "adapter_config.json").write_text("{}")
+    an_hour_ago = time.time() - 3_700
+    os.utime(old, (an_hour_ago, an_hour_ago))
+    os.utime(other, (an_hour_ago, an_hour_ago))
+    assert store.remove_unfinished() == [".a1.tmp-x1y2"]
+    assert not old.exists() and fresh.exists() and other.exists()
+    assert store.remove_unfinished(min_age_seconds=0) == [".a2.tmp-z3"]

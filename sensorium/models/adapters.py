@@ -22,6 +22,7 @@ import re
 import shutil
 import tempfile
 import threading
+import time
 import warnings
 from collections import OrderedDict
 from collections.abc import Iterator, Mapping
@@ -159,6 +160,26 @@ class AdapterStore:
             raise
         logger.info("adapter published", extra={"adapter": adapter_id, "base_model": base_model})
         return manifest
+
+    def remove_unfinished(self, min_age_seconds: float = 3600.0) -> list[str]:
+        """Delete hidden build folders a publisher killed half way left behind; their names.
+
+        They are never listed, but nothing else would ever remove them. Only folders older than
+        ``min_age_seconds`` go: a publish takes seconds, and another publisher sharing the store
+        may be building one right now.
+        """
+        if not self.root.is_dir():
+            return []
+        cutoff = time.time() - min_age_seconds
+        removed = []
+        for path in self.root.iterdir():
+            if re.fullmatch(r"\.[A-Za-z0-9][A-Za-z0-9._-]{0,63}\.tmp-[A-Za-z0-9_]+", path.name) and \
+                    not path.is_symlink() and path.is_dir() and path.stat().st_mtime < cutoff:
+                shutil.rmtree(path, ignore_errors=True)
+                removed.append(path.name)
+        if removed:
+            logger.warning("removed unfinished adapter folders", extra={"folders": sorted(removed)})
+        return sorted(removed)
 
     def manifest(self, adapter_id: str, *, verify: bool = False) -> AdapterManifest:
         """The manifest of a complete entry; ``verify`` rehashes the files too.

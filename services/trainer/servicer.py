@@ -61,6 +61,7 @@ class TrainerServicer(tpb_grpc.TrainerServicer):
         self.runner = JobRunner(self.store, self.jobs.execute)
 
     async def ready(self) -> None:
+        await asyncio.to_thread(self.adapters.remove_unfinished)  # left by a publish killed half way
         self.runner.start()
 
     async def stop(self) -> None:
