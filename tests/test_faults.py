@@ -930,3 +930,30 @@ def test_a_cache_flush_the_disk_refuses_keeps_serving_correct_vectors(
         "choice": "warn and keep serving", "flushes_refused": 4, "requests_failed": 0,
         "vectors_compared": recomputed.compared, "mismatches": recomputed.mismatches,
         "saved_once_the_disk_was_back": len(words) * len(CACHE_LAYERS)})
+
+
+@pytest.mark.parametrize(("code", "status"), [(errno.ENOSPC, "StorageFull"), (errno.EROFS, "StorageReadOnly")])
+def test_a_checkpoint_the_disk_refuses_is_named_and_keeps_the_previous_one(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, code: int, status: str) -> None:
+    """A job whose checkpoint cannot be written fails with the store named, not an errno; the last
+    good checkpoint stays as it was and no half-written folder is left."""
+    import torch
+
+    from sensorium import errors
+
+    state = {"adapter": {"w": torch.ones(3)}, "optimizer": {"state": {}, "param_groups": []}, "scheduler": {},
+             "state": {"epoch": 0}, "rng": ckpt.capture_rng()}
+    good = ckpt.save(tmp_path, 5, **state)
+    before = {p.name: p.read_bytes() for p in good.iterdir()}
+
+    def refuse(path: Path) -> None:
+        raise OSError(code, os.strerror(code))
+
+    monkeypatch.setattr(ckpt, "fsync_path", refuse)
+    with pytest.raises(getattr(errors, status), match="training checkpoint store"):
+        ckpt.save(tmp_path, 10, **state)
+    monkeypatch.undo()
+    assert [step for step, _ in ckpt.checkpoints(tmp_path)] == [5]
+    assert {p.name: p.read_bytes() for p in good.iterdir()} == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == [good.name]
+    assert ckpt.load_latest(tmp_path).step == 5

@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from sensorium.storage import fsync_path, sha256_file
+from sensorium.storage import fsync_path, sha256_file, writing
 
 if TYPE_CHECKING:
     import torch
@@ -134,6 +134,14 @@ def save(directory: Path, step: int, *, adapter: Mapping[str, torch.Tensor], opt
          best_adapter: Mapping[str, torch.Tensor] | None = None, keep: int = KEEP) -> Path:
     """Write the checkpoint for ``step`` atomically, then drop all but the newest ``keep``."""
     directory = Path(directory)
+    with writing("training checkpoint", directory):  # a full or read-only disk: named, not an errno
+        return _save(directory, step, adapter=adapter, optimizer=optimizer, scheduler=scheduler, state=state,
+                     rng=rng, best_adapter=best_adapter, keep=keep)
+
+
+def _save(directory: Path, step: int, *, adapter: Mapping[str, torch.Tensor], optimizer: Mapping[str, Any],
+          scheduler: Mapping[str, Any], state: Mapping[str, Any], rng: Mapping[str, Any],
+          best_adapter: Mapping[str, torch.Tensor] | None, keep: int) -> Path:
     directory.mkdir(parents=True, exist_ok=True)
     target = directory / f"step-{step:08d}"
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=directory))
