@@ -8,6 +8,7 @@ once instead of once per cardinality, and the servicers stay free of transport c
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hmac
 import inspect
 import logging
@@ -49,8 +50,13 @@ RPC_DURATION = Histogram(
 )
 
 
-def wrap_handler(handler: grpc.RpcMethodHandler | None, guard: Guard) -> grpc.RpcMethodHandler | None:
-    """Return ``handler`` with its behaviour run inside ``guard(context)``, whatever its cardinality."""
+def wrap_handler(handler: grpc.RpcMethodHandler | None, guard: Guard,
+                 parse: Callable[[bytes], Any] | None = None) -> grpc.RpcMethodHandler | None:
+    """Return ``handler`` with its behaviour run inside ``guard(context)``, whatever its cardinality.
+
+    With ``parse`` (unary requests only), the request arrives as bytes and is parsed inside the
+    guard, so that a parse error is the servicer's to answer rather than gRPC's.
+    """
     if handler is None:
         return None
     streaming = (handler.request_streaming, handler.response_streaming)
@@ -60,13 +66,14 @@ def wrap_handler(handler: grpc.RpcMethodHandler | None, guard: Guard) -> grpc.Rp
         (True, False): handler.stream_unary,
         (True, True): handler.stream_stream,
     }[streaming]
+    read: Callable[[Any], Any] = parse if parse is not None else (lambda request: request)
     wrapped: Callable[..., Any]
 
     if inspect.isasyncgenfunction(behaviour) or inspect.isgeneratorfunction(behaviour):
         # Streaming responses produced by yielding: stay a generator so gRPC keeps iterating.
         async def wrapped(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
             async with guard(context):
-                responses = behaviour(request, context)
+                responses = behaviour(read(request), context)
                 if hasattr(responses, "__aiter__"):
                     async for response in responses:
                         yield response
@@ -78,12 +85,12 @@ def wrap_handler(handler: grpc.RpcMethodHandler | None, guard: Guard) -> grpc.Rp
         # Unary responses, and streaming ones written with ``context.write`` (the health Watch).
         async def wrapped(request: Any, context: grpc.aio.ServicerContext) -> Any:
             async with guard(context):
-                result = behaviour(request, context)
+                result = behaviour(read(request), context)
                 return await result if inspect.isawaitable(result) else result
 
     return _FACTORIES[streaming](
         wrapped,
-        request_deserializer=handler.request_deserializer,
+        request_deserializer=handler.request_deserializer if parse is None else None,
         response_serializer=handler.response_serializer,
     )
 
@@ -184,8 +191,7 @@ class DecodeInterceptor(grpc.aio.ServerInterceptor):
         handler = await continuation(handler_call_details)
         if handler is None or handler.request_streaming or handler.request_deserializer is None:
             return handler
-        parse, behaviour = handler.request_deserializer, handler.unary_unary or handler.unary_stream
-        method = handler_call_details.method
+        parse, method = handler.request_deserializer, handler_call_details.method
 
         def decoded(raw: bytes) -> Any:
             try:
@@ -194,25 +200,7 @@ class DecodeInterceptor(grpc.aio.ServerInterceptor):
                 raise InvalidArgument(f"the request is not a valid message for {method} "
                                       f"({len(raw)} bytes that do not parse)") from None
 
-        async def unary(raw: bytes, context: grpc.aio.ServicerContext) -> Any:
-            # unary responses, and streaming ones written with ``context.write`` (the health Watch)
-            result = behaviour(decoded(raw), context)
-            return await result if inspect.isawaitable(result) else result
-
-        async def streaming(raw: bytes, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
-            responses = behaviour(decoded(raw), context)
-            if hasattr(responses, "__aiter__"):
-                async for response in responses:
-                    yield response
-            else:
-                for response in responses:
-                    yield response
-
-        generates = inspect.isasyncgenfunction(behaviour) or inspect.isgeneratorfunction(behaviour)
-        wrapped = streaming if handler.response_streaming and generates else unary
-        factory = grpc.unary_stream_rpc_method_handler if handler.response_streaming else \
-            grpc.unary_unary_rpc_method_handler
-        return factory(wrapped, request_deserializer=None, response_serializer=handler.response_serializer)
+        return wrap_handler(handler, lambda context: contextlib.nullcontext(), decoded)
 
 
 MAX_DETAILS = 2_000  # characters of a refusal's message: status details travel in trailers (8 KiB by default)
