@@ -9,7 +9,6 @@ word-wise similarities (which words each model gets right).
 
 from __future__ import annotations
 
-import warnings
 
 import numpy as np
 from pydantic import BaseModel, Field
@@ -43,6 +42,26 @@ def _pearson(a: np.ndarray, b: np.ndarray) -> float:
 
 
 CORRELATIONS = {"spearman": _spearman, "pearson": _pearson}
+
+
+def rowwise_pearson(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Pearson r of each row of ``a`` with the same row of ``b``; NaN where either row is constant.
+
+    All bootstrap resamples at once: calling scipy per resample costs about half a millisecond
+    each, which made a 1,000-resample request over 11 dimensions take seconds.
+    """
+    constant = (a == a[:, :1]).all(axis=1) | (b == b[:, :1]).all(axis=1)  # scipy's NaN, not rounding noise
+    a = a - a.mean(axis=1, keepdims=True)
+    b = b - b.mean(axis=1, keepdims=True)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        r = np.clip((a * b).sum(axis=1) / np.sqrt((a * a).sum(axis=1) * (b * b).sum(axis=1)), -1.0, 1.0)
+    r[constant] = np.nan
+    return r
+
+
+def rowwise_spearman(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Spearman rho of each row pair: Pearson r of the rows' average ranks, as scipy computes it."""
+    return rowwise_pearson(sps.rankdata(a, axis=1), sps.rankdata(b, axis=1))
 
 
 class DimensionCorrelation(BaseModel):
@@ -110,13 +129,9 @@ def compare_dimensions(reps: Representations, comparisons: list[tuple[str, str]]
                                        pearson=_pearson(m, h), n_words=int(ok.sum()))
             if n_bootstrap:
                 idx = resample_indices(len(h), n_bootstrap, seed)
-                # a resample can make a column constant: its correlation is NaN, not a warning
-                with np.errstate(invalid="ignore", divide="ignore"), warnings.catch_warnings():
-                    warnings.simplefilter("ignore", sps.ConstantInputWarning)
-                    rs = np.array([_spearman(m[b], h[b]) for b in idx])
-                    rp = np.array([_pearson(m[b], h[b]) for b in idx])
-                row.spearman_ci = bootstrap_interval(rs, confidence)
-                row.pearson_ci = bootstrap_interval(rp, confidence)
+                # a resample can make a column constant: its correlation is NaN
+                row.spearman_ci = bootstrap_interval(rowwise_spearman(m[idx], h[idx]), confidence)
+                row.pearson_ci = bootstrap_interval(rowwise_pearson(m[idx], h[idx]), confidence)
             correlations.append(row)
     tests: list[SteigerTest] = []
     for a, b in comparisons or []:
