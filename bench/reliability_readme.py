@@ -21,11 +21,14 @@ README = ROOT / "README.md"
 BEGIN, END = "<!-- reliability:begin -->", "<!-- reliability:end -->"
 
 
-def _value(v: Any) -> str:
+def _value(v: Any, nested: bool = False) -> str:
     if isinstance(v, dict):
-        return ", ".join(f"{k} {_value(x)}" for k, x in v.items())
+        text = ", ".join(f"{str(k).replace('_', ' ')} {_value(x, True)}" for k, x in v.items())
+        return f"({text})" if nested else text
     if isinstance(v, list):
-        return ", ".join(_value(x) for x in v)
+        return ("; " if any(isinstance(x, dict) for x in v) else ", ").join(_value(x, True) for x in v)
+    if isinstance(v, bool):
+        return "yes" if v else "no"
     if isinstance(v, float):
         return f"{v:g}"
     return str(v)
@@ -78,7 +81,7 @@ def load_table(section: dict[str, Any]) -> list[str]:
 
 def bullets(title: str, section: dict[str, Any]) -> list[str]:
     lines = [f"{title} ({_stamp(section)}):", ""]
-    lines += [f"- {key}: {_value(v)}" for key, v in section.items() if not key.startswith("_")]
+    lines += [f"- {key.replace('_', ' ')}: {_value(v)}" for key, v in section.items() if not key.startswith("_")]
     return lines
 
 
