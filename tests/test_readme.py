@@ -52,3 +52,29 @@ def test_every_setting_is_documented() -> None:
 def make_commands_first() -> bool:
     head = README[:800]
     return "make demo" in head and "make test" in head
+
+
+def test_reliability_figures_cover_every_rpc_of_a_full_run() -> None:
+    """README's Reliability figures come from a run of the suites at full size, not a shortened one."""
+    import sys
+
+    from sensorium.v1 import analyzer_pb2, extractor_pb2, trainer_pb2
+
+    sys.path.insert(0, str(ROOT / "bench"))
+    import reliability_readme
+
+    text = (ROOT / "README.md").read_text()
+    block = text.split(reliability_readme.BEGIN, 1)[1].split(reliability_readme.END, 1)[0]
+    rpcs = [f"{svc}.{m.name}" for svc, mod in (("extractor", extractor_pb2), ("analyzer", analyzer_pb2),
+                                                ("trainer", trainer_pb2))
+            for m in mod.DESCRIPTOR.services_by_name[svc.capitalize()].methods]
+    rows = {m.group(1): m.groups()[1:] for m in re.finditer(
+        r"^\| (\w+\.\w+) \| ([\d,]+) \| ([\d,]+) \| [\d,]+ \| [^|]+ \| (\d+) \|$", block, re.M)}
+    assert sorted(rows) == sorted(rpcs)
+    for rpc, (requests, valid, internal) in rows.items():
+        n, v = int(requests.replace(",", "")), int(valid.replace(",", ""))
+        assert n >= 500 and v >= 0.2 * n and internal == "0", rpc
+    loads = re.findall(r"^\| (extractor|analyzer) \| (\d+) x (\d+) \| (\d+) \|", block, re.M)
+    assert sorted(name for name, *_ in loads) == ["analyzer", "extractor"]
+    assert all(int(c) >= 16 and int(r) >= 50 and failed == "0" for _, c, r, failed in loads)
+    assert "Faults survived" in block and "Security" in block and "Queue depth" in block
