@@ -92,6 +92,21 @@ class DimensionsReport(BaseModel):
     steiger: list[SteigerTest] = Field(default_factory=list)
 
 
+BLOCK_VALUES = 1 << 21  # resampled values per block: about 16 MiB per float64 copy, whatever the request size
+
+
+def _bootstrap_correlations(m: np.ndarray, h: np.ndarray, idx: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Spearman and Pearson of every resample (rows of ``idx``), a block of resamples at a time so
+    that memory stays bounded; a resample can make a column constant: its correlation is NaN."""
+    block = max(1, BLOCK_VALUES // idx.shape[1])
+    rs, rp = [], []
+    for first in range(0, len(idx), block):
+        rows = idx[first:first + block]
+        rs.append(rowwise_spearman(m[rows], h[rows]))
+        rp.append(rowwise_pearson(m[rows], h[rows]))
+    return np.concatenate(rs), np.concatenate(rp)
+
+
 def _valid(*columns: np.ndarray) -> np.ndarray:
     ok = np.ones(len(columns[0]), dtype=bool)
     for c in columns:
@@ -128,10 +143,9 @@ def compare_dimensions(reps: Representations, comparisons: list[tuple[str, str]]
             row = DimensionCorrelation(model=model, feature=feature, spearman=_spearman(m, h),
                                        pearson=_pearson(m, h), n_words=int(ok.sum()))
             if n_bootstrap:
-                idx = resample_indices(len(h), n_bootstrap, seed)
-                # a resample can make a column constant: its correlation is NaN
-                row.spearman_ci = bootstrap_interval(rowwise_spearman(m[idx], h[idx]), confidence)
-                row.pearson_ci = bootstrap_interval(rowwise_pearson(m[idx], h[idx]), confidence)
+                rs, rp = _bootstrap_correlations(m, h, resample_indices(len(h), n_bootstrap, seed))
+                row.spearman_ci = bootstrap_interval(rs, confidence)
+                row.pearson_ci = bootstrap_interval(rp, confidence)
             correlations.append(row)
     tests: list[SteigerTest] = []
     for a, b in comparisons or []:

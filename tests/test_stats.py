@@ -100,3 +100,12 @@ def test_rowwise_correlations_equal_scipy_row_by_row() -> None:
     assert np.isnan(got_s[[3, 5]]).all() and np.isnan(got_p[[3, 5]]).all()
     np.testing.assert_allclose(got_s, want_s, rtol=0, atol=1e-12)
     np.testing.assert_allclose(got_p, want_p, rtol=0, atol=1e-12)
+
+
+def test_bootstrap_intervals_do_not_depend_on_the_block_size(reps: Representations,
+                                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    import sensorium.stats as stats_module
+
+    whole = compare_dimensions(reps, n_bootstrap=50, seed=3)
+    monkeypatch.setattr(stats_module, "BLOCK_VALUES", 7 * 79)  # 7 resamples per block, a ragged last one
+    assert compare_dimensions(reps, n_bootstrap=50, seed=3) == whole
