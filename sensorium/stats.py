@@ -9,6 +9,7 @@ word-wise similarities (which words each model gets right).
 
 from __future__ import annotations
 
+import math
 
 import numpy as np
 from pydantic import BaseModel, Field
@@ -23,13 +24,18 @@ from sensorium.rsa.inference import resample_indices
 def steiger_z(r_a: float, r_b: float, r_ab: float, n: int) -> tuple[float, float]:
     """Steiger's (1980) z for r(A, H) vs r(B, H) when A and B correlate r_ab, as cocor computes it.
 
-    Returns z and its two-sided p-value.
+    Returns z and its two-sided p-value; both NaN where the test is undefined (a correlation of
+    exactly +-1, which a handful of words can give: Fisher's z is then infinite).
     """
-    z_a, z_b = np.arctanh(r_a), np.arctanh(r_b)
-    r_m = (r_a + r_b) / 2.0
-    psi = r_ab * (1 - 2 * r_m**2) - 0.5 * r_m**2 * (1 - 2 * r_m**2 - r_ab**2)
-    c = psi / (1 - r_m**2) ** 2
-    z = (z_a - z_b) * np.sqrt(n - 3) / np.sqrt(2 - 2 * c)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        r_a, r_b, r_ab = np.float64(r_a), np.float64(r_b), np.float64(r_ab)
+        z_a, z_b = np.arctanh(r_a), np.arctanh(r_b)
+        r_m = (r_a + r_b) / 2.0
+        psi = r_ab * (1 - 2 * r_m**2) - 0.5 * r_m**2 * (1 - 2 * r_m**2 - r_ab**2)
+        c = psi / (1 - r_m**2) ** 2
+        z = (z_a - z_b) * np.sqrt(n - 3) / np.sqrt(2 - 2 * c)
+    if not np.isfinite(z):
+        return math.nan, math.nan
     return float(z), float(2 * sps.norm.sf(abs(z)))
 
 

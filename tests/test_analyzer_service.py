@@ -183,3 +183,12 @@ def test_undefined_statistics_travel_as_nan(client: AnalyzerClient) -> None:
     assert np.isfinite(got["ft"].rsa)
     local = {x.model: x for x in run_rsa(flat, options=RsaOptions(zscore=False, n_bootstrap=10)).results}
     assert got["ft"] == local["ft"]
+
+
+def test_an_undefined_steiger_test_travels_as_nan(client: AnalyzerClient) -> None:
+    # four words ranked perfectly by both models: Fisher's z is infinite, the test undefined
+    human = np.array([[1.0, 2.0], [2.0, 1.0], [3.0, 4.0], [4.0, 3.0]])
+    perfect = Representations(words=("a", "b", "c", "d"), feature_names=("x", "y"), human=human,
+                              models={"m0": human * 2, "m1": human + 1})
+    report = client.dimensions(perfect, [("m0", "m1")], n_bootstrap=5)
+    assert report.steiger and all(np.isnan(t.z) and np.isnan(t.p_value) for t in report.steiger)

@@ -109,3 +109,17 @@ def test_bootstrap_intervals_do_not_depend_on_the_block_size(reps: Representatio
     whole = compare_dimensions(reps, n_bootstrap=50, seed=3)
     monkeypatch.setattr(stats_module, "BLOCK_VALUES", 7 * 79)  # 7 resamples per block, a ragged last one
     assert compare_dimensions(reps, n_bootstrap=50, seed=3) == whole
+
+
+def test_steiger_is_undefined_not_an_error_when_a_correlation_is_perfect() -> None:
+    """Four words can rank perfectly: Fisher's z is infinite, so Steiger's test is NaN (reported as
+    undefined), never a crash."""
+    assert all(np.isnan(v) for v in steiger_z(1.0, 1.0, 1.0, 4))
+    assert all(np.isnan(v) for v in steiger_z(1.0, 0.4, 0.5, 4))
+    human = np.array([[1.0, 2.0], [2.0, 1.0], [3.0, 4.0], [4.0, 3.0]])
+    reps = Representations(words=("a", "b", "c", "d"), feature_names=("x", "y"), human=human,
+                           models={"m0": human * 2, "m1": human + 1})
+    report = compare_dimensions(reps, [("m0", "m1")])
+    assert all(np.isnan(t.z) and np.isnan(t.p_value) for t in report.steiger)
+    z, p = steiger_z(0.62, 0.41, 0.55, 150)
+    assert np.isfinite(z) and 0 < p < 1
