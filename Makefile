@@ -27,7 +27,7 @@ sensorium/v1/%_pb2.py: proto/sensorium/v1/%.proto $(VENV)/.installed
 test: setup
 	$(PY) -m pytest $(PYTEST_ARGS)
 
-# The reliability suites scaled up (10x fuzzing, 64 clients x 200 requests): about an hour here.
+# The reliability suites scaled up (10x fuzzing, 64 clients x 200 requests): about 26 min on 2 cores.
 test-reliability: setup
 	SENSORIUM_RELIABILITY=heavy $(PY) -m pytest tests/test_fuzz.py tests/test_faults.py tests/test_load.py \
 		tests/test_security.py $(PYTEST_ARGS)
