@@ -35,7 +35,7 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from sensorium.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound
-from sensorium.storage import atomic_write_json, sha256_bytes, sha256_file
+from sensorium.storage import atomic_write_json, sha256_bytes, sha256_file, writing
 
 logger = logging.getLogger(__name__)
 
@@ -43,6 +43,7 @@ ID_PATTERN = r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}"
 MANIFEST = "sensorium-adapter.json"
 CONFIG = "adapter_config.json"
 WEIGHTS = "adapter_model.safetensors"
+STORE = "adapter"  # the store's name in errors
 FILES = (CONFIG, WEIGHTS)
 FORMAT = 1
 PICKLE_WEIGHTS = ("*.bin", "*.pt", "*.pth", "*.ckpt", "*.pkl")  # as the model store's
@@ -131,33 +132,34 @@ class AdapterStore:
             raise FailedPrecondition(f"{source} lacks {', '.join(missing)}{hint}")
         if target.exists():
             raise AlreadyExists(f"adapter {adapter_id!r} already exists in {self.root}")
-        self.root.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{adapter_id}.tmp-", dir=self.root))
-        try:
-            files = {}
-            for name in FILES:
-                shutil.copyfile(source / name, tmp / name)
-            for name, data in extra.items():
-                (tmp / name).write_bytes(data)
-            for name in (*FILES, *extra):
-                with open(tmp / name, "rb") as f:
-                    os.fsync(f.fileno())
-                files[name] = FileEntry(size=(tmp / name).stat().st_size, sha256=sha256_file(tmp / name))
-            manifest = AdapterManifest(
-                format=FORMAT, id=adapter_id, base_model=base_model, base_digest=base_digest,
-                created=datetime.now(UTC).isoformat(timespec="seconds"), files=files, digest=_digest_of(files),
-                training=dict(training or {}))
-            atomic_write_json(tmp / MANIFEST, manifest.model_dump(mode="json"))
-            for p in tmp.iterdir():
-                os.chmod(p, 0o644)
-            os.chmod(tmp, 0o755)
+        with writing(STORE, self.root):  # a full or read-only disk: named, the store as it was
+            self.root.mkdir(parents=True, exist_ok=True)
+            tmp = Path(tempfile.mkdtemp(prefix=f".{adapter_id}.tmp-", dir=self.root))
             try:
-                os.rename(tmp, target)  # fails if another publisher won the race: never overwrite
-            except OSError as exc:
-                raise AlreadyExists(f"adapter {adapter_id!r} already exists in {self.root}") from exc
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
+                files = {}
+                for name in FILES:
+                    shutil.copyfile(source / name, tmp / name)
+                for name, data in extra.items():
+                    (tmp / name).write_bytes(data)
+                for name in (*FILES, *extra):
+                    with open(tmp / name, "rb") as f:
+                        os.fsync(f.fileno())
+                    files[name] = FileEntry(size=(tmp / name).stat().st_size, sha256=sha256_file(tmp / name))
+                manifest = AdapterManifest(
+                    format=FORMAT, id=adapter_id, base_model=base_model, base_digest=base_digest,
+                    created=datetime.now(UTC).isoformat(timespec="seconds"), files=files, digest=_digest_of(files),
+                    training=dict(training or {}))
+                atomic_write_json(tmp / MANIFEST, manifest.model_dump(mode="json"), STORE)
+                for p in tmp.iterdir():
+                    os.chmod(p, 0o644)
+                os.chmod(tmp, 0o755)
+                try:
+                    os.rename(tmp, target)  # fails if another publisher won the race: never overwrite
+                except OSError as exc:
+                    raise AlreadyExists(f"adapter {adapter_id!r} already exists in {self.root}") from exc
+            except BaseException:
+                shutil.rmtree(tmp, ignore_errors=True)
+                raise
         logger.info("adapter published", extra={"adapter": adapter_id, "base_model": base_model})
         return manifest
 

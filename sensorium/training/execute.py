@@ -21,7 +21,7 @@ from typing import Any
 from sensorium.errors import FailedPrecondition, NotFound
 from sensorium.models.adapters import AdapterStore
 from sensorium.models.store import ModelRegistry
-from sensorium.storage import library_versions, writing
+from sensorium.storage import library_versions
 from sensorium.training.jobs import Job
 from sensorium.training.spec import TrainingSpec
 
@@ -175,10 +175,9 @@ class TrainingJobs:
             "libraries": library_versions(TRAINING_LIBRARIES),
         }
         split = json.dumps(data.split.to_json(), sort_keys=True).encode()
-        with writing("adapter", self.adapters.root):  # a full or read-only store fails the job, named
-            manifest = self.adapters.publish(job.adapter_id, Path(result.adapter_dir), base_model=spec.base_model,
-                                             base_digest=base_digest, training=training,
-                                             extra_files={"split.json": split})
+        manifest = self.adapters.publish(job.adapter_id, Path(result.adapter_dir), base_model=spec.base_model,
+                                         base_digest=base_digest, training=training,
+                                         extra_files={"split.json": split})
         record("published", {"message": f"adapter {manifest.id} ({manifest.digest[:12]})", "metrics": metrics})
         shutil.rmtree(workdir / "checkpoints", ignore_errors=True)
         return metrics
