@@ -528,14 +528,11 @@ def analyzer_targets(w: World) -> list[Target]:
 def trainer_targets(w: World) -> list[Target]:
     store = JobStore(w.jobs_db)
     runner = JobRunner(store, lambda *a, **k: None)  # never started: only its checks are used
-    from sensorium.training.execute import DataCatalog, TrainingJobs
+    from sensorium.training.execute import TrainingJobs
 
     s = w.trainer_settings
     jobs = TrainingJobs(ModelRegistry.default(ModelStore(s.model_store), s.models), AdapterStore(s.adapters_dir),
-                        s.data_dir / "jobs", DataCatalog(norms=s.norms, paper_dir=s.paper_dir,
-                                                         choice_items={k: (v.train, v.test)
-                                                                       for k, v in s.choice_items.items()},
-                                                         prompt_sets=s.prompt_sets, norms_root=s.norms_root), "cpu")
+                        s.data_dir / "jobs", s.catalog(), "cpu")
 
     @st.composite
     def spec_dict(draw: st.DrawFn) -> dict[str, Any]:

@@ -85,7 +85,7 @@ class AnalyzerServicer(apb_grpc.AnalyzerServicer):
         timeout = self.settings.extractor_timeout_seconds
         if deadline is not None and deadline - time.monotonic() < timeout:
             return max(0.0, deadline - time.monotonic()), "the caller's deadline"
-        return timeout, "extractor_timeout_seconds"
+        return timeout, f"extractor_timeout_seconds={timeout:g}"
 
     def _activations(self, source: apb.ActivationSource, words: tuple[str, ...],
                      template: Any, deadline: float | None = None) -> tuple[dict[str, dict[int, np.ndarray]], int]:
@@ -111,9 +111,7 @@ class AnalyzerServicer(apb_grpc.AnalyzerServicer):
                 if exc.code() == grpc.StatusCode.DEADLINE_EXCEEDED:
                     logger.warning("extractor call timed out", extra={
                         "variant": name, "timeout_seconds": round(timeout, 3), "bound": bound})
-                    setting = f"extractor_timeout_seconds={self.settings.extractor_timeout_seconds:g}"
-                    raise errors.Unavailable(f"extractor ({name}) did not answer within {timeout:.1f} s "
-                                             f"({bound if bound != 'extractor_timeout_seconds' else setting})") \
+                    raise errors.Unavailable(f"extractor ({name}) did not answer within {timeout:.1f} s ({bound})") \
                         from None
                 kind = _EXTRACTOR_ERRORS.get(exc.code(), errors.Unavailable)
                 raise kind(f"extractor ({name}): {exc.details() or exc.code().name}") from None

@@ -16,7 +16,7 @@ import grpc
 from sensorium.errors import InvalidArgument, ResourceExhausted, validated_json
 from sensorium.models.adapters import AdapterStore, check_adapter_id
 from sensorium.models.store import ModelRegistry, ModelStore
-from sensorium.training.execute import DataCatalog, TrainingJobs
+from sensorium.training.execute import TrainingJobs
 from sensorium.training.jobs import Job, JobEvent, JobRunner, JobState, JobStore
 from sensorium.training.spec import TrainingSpec
 from sensorium.v1 import trainer_pb2 as tpb
@@ -53,10 +53,8 @@ class TrainerServicer(tpb_grpc.TrainerServicer):
         self.settings = settings
         registry = ModelRegistry.default(ModelStore(settings.model_store), settings.models)
         self.adapters = AdapterStore(settings.adapters_dir)
-        catalog = DataCatalog(norms=settings.norms, paper_dir=settings.paper_dir,
-                              choice_items={k: (v.train, v.test) for k, v in settings.choice_items.items()},
-                              prompt_sets=settings.prompt_sets, norms_root=settings.norms_root)
-        self.jobs = TrainingJobs(registry, self.adapters, settings.data_dir / "jobs", catalog, settings.device)
+        self.jobs = TrainingJobs(registry, self.adapters, settings.data_dir / "jobs", settings.catalog(),
+                                 settings.device)
         self.store = JobStore(settings.data_dir / "jobs.sqlite")
         self.runner = JobRunner(self.store, self.jobs.execute)
 

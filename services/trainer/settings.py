@@ -9,6 +9,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from pydantic_settings import SettingsConfigDict
 
 from sensorium.models.store import ModelSpec
+from sensorium.training.execute import DataCatalog
 from services.common.settings import ServiceSettings
 
 
@@ -53,6 +54,12 @@ class TrainerSettings(ServiceSettings):
     @property
     def model_store(self) -> Path:
         return self.models_dir if self.models_dir is not None else self.data_dir / "models"
+
+    def catalog(self) -> DataCatalog:
+        """The named data a training spec may use: configured norms, item sets and prompt sets."""
+        return DataCatalog(norms=self.norms, paper_dir=self.paper_dir,
+                           choice_items={k: (v.train, v.test) for k, v in self.choice_items.items()},
+                           prompt_sets=self.prompt_sets, norms_root=self.norms_root)
 
     @model_validator(mode="after")
     def _models_are_consistent(self) -> TrainerSettings:
